@@ -1,0 +1,39 @@
+"""Shared fixtures: a tiny LLaVA artifact built offline, saved exactly as a training run saves one.
+
+Also: `gpu` tests skip without CUDA; torch stays on few threads (2-core CI machines run several processes).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if _has_cuda():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs CUDA (bitsandbytes GPU kernels / NCCL); none on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory) -> str:
+    """Path of a tiny `test`-preset artifact (model dir) shared by the whole session. Treat it as read-only."""
+    from train.tiny import build_tiny_artifact
+
+    return str(build_tiny_artifact(tmp_path_factory.mktemp("artifact") / "tiny"))
