@@ -1,0 +1,73 @@
+"""`llava-sm predict IMAGE QUESTION`: ask a running server (--url) or a SageMaker endpoint (--endpoint-name).
+
+    llava-sm predict chart.png "What is the highest value?"                       # http://localhost:8080
+    llava-sm predict s3://b/c.png "Which bar is tallest?" --endpoint-name chart-qa --json
+
+Prints the answer (or, with --json, the full reply with token usage and latency). A server error prints its code
+and message and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from typing import Any
+
+from client import options as o
+from client.options import option
+
+
+@dataclasses.dataclass
+class PredictOptions:
+    url: str | None = option(help="server base URL (default: http://localhost:8080 unless --endpoint-name)")
+    endpoint_name: str | None = option(help="SageMaker endpoint to invoke instead of a URL")
+    temperature: float | None = option(help="sampling temperature (0 = greedy; default: the model's)")
+    top_p: float | None = option(help="nucleus sampling mass (0-1]")
+    max_new_tokens: int | None = option(help="answer length cap in tokens")
+    stop: list[str] = option([], "stop string(s)")
+    timeout: float = option(120.0, "seconds to wait for the answer")
+    retries: int = option(3, "extra attempts after a connection failure or a busy (503) server")
+    region: str | None = option(help="AWS region (default: profile / AWS_DEFAULT_REGION)")
+    profile: str | None = option(help="AWS named profile")
+    endpoint_url: str | None = option(help="SageMaker runtime endpoint URL override (default: AWS_ENDPOINT_URL)")
+
+    def problems(self) -> list[str]:
+        p = ["give --url or --endpoint-name, not both"] if self.url and self.endpoint_name else []
+        if self.url and not self.url.startswith(("http://", "https://")):
+            p.append(f"url: {self.url!r} must start with http:// or https://")
+        p += o.check_name("endpoint_name", self.endpoint_name)
+        p += o.check_range("temperature", self.temperature, 0)
+        p += o.check_range("top_p", self.top_p, 1e-9, 1)
+        p += o.check_range("max_new_tokens", self.max_new_tokens, 1)
+        p += o.check_range("timeout", self.timeout, 0.001) + o.check_range("retries", self.retries, 0)
+        return p
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser("predict", help="ask a question about an image (server URL or endpoint)",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("image", help="local image path, http(s):// URL or s3:// URI")
+    parser.add_argument("question", help="the question")
+    o.add_arguments(parser, PredictOptions)
+    parser.add_argument("--json", action="store_true", help="print the full JSON reply")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from client.invoke import ClientError, predict_full
+
+    opts, _ = o.resolve(PredictOptions, args, "predict")
+    try:
+        result = predict_full(
+            args.image, args.question, url=opts.url, endpoint_name=opts.endpoint_name,
+            temperature=opts.temperature, top_p=opts.top_p, max_new_tokens=opts.max_new_tokens,
+            stop=opts.stop or None, timeout=opts.timeout, retries=opts.retries,
+            region=opts.region, profile=opts.profile, endpoint_url=opts.endpoint_url,
+        )
+    except (ClientError, FileNotFoundError, ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2) if args.json else result["answer"])
+    return 0
