@@ -37,3 +37,29 @@ def tiny_artifact(tmp_path_factory) -> str:
     from train.tiny import build_tiny_artifact
 
     return str(build_tiny_artifact(tmp_path_factory.mktemp("artifact") / "tiny"))
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """A real moto server on loopback for the AWS tests; yields its URL. Dummy credentials, region us-east-1, no
+    profile files, so nothing can reach a real AWS account."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                           "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": os.devnull,
+                           "AWS_SHARED_CREDENTIALS_FILE": os.devnull}.items():
+            mp.setenv(key, value)
+        for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_REGION"):
+            mp.delenv(key, raising=False)
+        server.start()
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.stop()
