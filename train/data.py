@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ IMAGE_TOKEN = "<image>"
 ROLES = {"human": "user", "gpt": "assistant"}
 MAX_PROBLEMS_SHOWN = 50  # in the exception message; `.problems` keeps them all
 PROGRESS_MIN_IMAGES = 500  # below this, checking images is instant and a progress bar is noise
+_ROW = re.compile(r"row (\d+)\b")
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,7 @@ def read_records(path: Path) -> tuple[list[tuple[int, Any]], list[str]]:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            return [], [f"row 0: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"]
+            return [], [f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"]
         return list(enumerate(data, start=1)), []
     records, problems = [], []
     for lineno, line in enumerate(text.splitlines(), start=1):
@@ -106,7 +108,7 @@ def read_records(path: Path) -> tuple[list[tuple[int, Any]], list[str]]:
         except json.JSONDecodeError as e:
             problems.append(f"row {lineno}: invalid JSON at line {lineno} column {e.colno}: {e.msg}")
     if not records and not problems:
-        problems.append("row 0: the file holds no examples")
+        problems.append("the file holds no examples")
     return records, problems
 
 
@@ -187,7 +189,7 @@ def check_image_files(examples: list[Example], image_folder: str | os.PathLike |
     if not rows_by_image:
         return []
     if image_folder is None or not Path(image_folder).is_dir():
-        return [f"row 0: image folder {image_folder!s} not found, but {len(rows_by_image)} image(s) are referenced"]
+        return [f"image folder {image_folder!s} not found, but {len(rows_by_image)} image(s) are referenced"]
     folder = Path(image_folder)
     names = list(rows_by_image)
     # Threads: on SageMaker FastFile each open is an S3 read; verify() parses headers only, it decodes no pixels.
@@ -241,8 +243,6 @@ def _warn_duplicate_ids(examples: list[Example]) -> None:
 
 
 def _row_of(problem: str) -> int:
-    """Sort key: the row number every problem string starts with."""
-    try:
-        return int(problem.split()[1])
-    except (IndexError, ValueError):
-        return 0
+    """Sort key: the row number a problem starts with; file-level problems (no row) first."""
+    match = _ROW.match(problem)
+    return int(match.group(1)) if match else 0
