@@ -179,7 +179,8 @@ class ExampleDataset:
     """A torch-style map dataset of Examples (the collator encodes them), without the ones that cannot fit.
 
     `.lengths` are cheap token estimates (image tokens + characters / 4) for length grouping and
-    `.modality_lengths` the same, negative for text-only rows, as LLaVA's LengthGroupedSampler expects.
+    `.modality_lengths` the same, negative for text-only rows, as LLaVA's LengthGroupedSampler expects;
+    `.truncated` / `.dropped` count the examples that will be cut / were left out.
     """
 
     def __init__(self, examples: list[Example], processor: Any, *, max_length: int | None):
@@ -196,10 +197,10 @@ class ExampleDataset:
             lengths.append(n_images * self.image_tokens + len(text) // CHARS_PER_TOKEN)
         self.examples, self.lengths = kept, lengths
         self.modality_lengths = [n if e.image is not None else -n for e, n in zip(kept, lengths)]
-        dropped = len(examples) - len(kept)
+        self.truncated, self.dropped = truncated, len(examples) - len(kept)
         if max_length is not None:
             log.info("max_length %d (image tokens included): %d of %d examples truncated, %d dropped "
-                     "(image or first answer beyond the limit)", max_length, truncated, len(examples), dropped)
+                     "(image or first answer beyond the limit)", max_length, truncated, len(examples), self.dropped)
 
     def __len__(self) -> int:
         return len(self.examples)
