@@ -167,7 +167,7 @@ def build_request(opts: TrainOptions, *, job_name: str | None = None) -> dict[st
 class LogTail:
     """Prints new CloudWatch events of a job's log streams (one per instance); tolerates a missing group."""
 
-    def __init__(self, logs_client: Any, job_name: str, out: Any = sys.stdout):
+    def __init__(self, logs_client: Any, job_name: str, out: Any = None):
         self.logs, self.job_name, self.out = logs_client, job_name, out
         self.tokens: dict[str, str | None] = {}
 
@@ -195,7 +195,7 @@ class LogTail:
                 kwargs["nextToken"] = self.tokens[stream]
             resp = self.logs.get_log_events(**kwargs)
             for event in resp.get("events", []):
-                print(prefix + event["message"].rstrip("\n"), file=self.out, flush=True)
+                print(prefix + event["message"].rstrip("\n"), file=self.out or sys.stdout, flush=True)
                 printed += 1
             token = resp.get("nextForwardToken")
             if not resp.get("events") or token == self.tokens.get(stream):
