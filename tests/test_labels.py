@@ -81,6 +81,34 @@ def test_llama_2_and_plain_label_masks(processor, image, version, prompt_end, ru
     assert labelled_runs(configured, encode_example(configured, EXAMPLE, image, max_length=None)) == runs
 
 
+def sentencepiece_style_processor(image_processor, version):
+    """A Llama-style tokenizer (SentencePiece's word-start marker, no byte-level pre-tokenizer), as llava-hf uses."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import LlavaProcessor, PreTrainedTokenizerFast
+
+    from train.tiny import DEFAULT_CORPUS, SPECIAL_TOKENS
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
+    tok.train_from_iterator(DEFAULT_CORPUS + ["A pie. Yes. What is shown? Title?"],
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL_TOKENS, show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                        pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    return configure_processor(processor, version=version)
+
+
+@pytest.mark.parametrize(("version", "expected"), [("v1", " A pie.</s> Yes.</s>"),
+                                                   ("llava_llama_2", " A pie. </s> Yes. </s>")])
+def test_label_mask_with_a_sentencepiece_style_tokenizer(processor, image, version, expected):
+    sp = sentencepiece_style_processor(copy.deepcopy(processor.image_processor), version)
+    encoded = encode_example(sp, EXAMPLE, image, max_length=None)
+    labelled = sp.tokenizer.convert_ids_to_tokens([t for t in encoded["labels"] if t != IGNORE_INDEX])
+    assert "".join(labelled).replace("\u2581", " ") == expected
+
+
 def test_training_prompt_is_exactly_the_serving_prompt(processor, image):
     """The tokens before the first answer equal what serving feeds the model for that question."""
     prompt = processor.apply_chat_template(TWO_TURNS[:1], tokenize=False, add_generation_prompt=True)

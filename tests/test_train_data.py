@@ -145,6 +145,15 @@ def test_every_malformed_jsonl_line_is_reported(tmp_path):
     assert "invalid JSON at line 2 column 2" in err.value.problems[0]
 
 
+def test_one_pretty_printed_object_and_non_utf8_files_are_explained(tmp_path):
+    (tmp_path / "obj.json").write_text(json.dumps({"data": tiny_rows(2)}, indent=1))
+    with pytest.raises(DataError, match="one JSON object spread over several lines; expected a JSON array"):
+        load_examples(tmp_path / "obj.json", None)
+    (tmp_path / "latin1.jsonl").write_bytes('{"conversations": "caf\xe9"}'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"not UTF-8 text \(bad byte at offset 22\)"):
+        load_examples(tmp_path / "latin1.jsonl", None)
+
+
 def test_missing_data_file_and_image_folder(tmp_path):
     with pytest.raises(DataError, match="data file not found"):
         load_examples(tmp_path / "nope.json", tmp_path)

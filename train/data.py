@@ -92,7 +92,10 @@ def load_examples(data_path: str | os.PathLike, image_folder: str | os.PathLike 
 
 def read_records(path: Path) -> tuple[list[tuple[int, Any]], list[str]]:
     """(row, parsed JSON value) pairs and parse problems. JSON array: row = 1-based index; JSONL: row = line number."""
-    text = path.read_text(encoding="utf-8-sig")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        return [], [f"not UTF-8 text (bad byte at offset {e.start}): save the data as UTF-8 JSON or JSON Lines"]
     if text.lstrip().startswith("["):
         try:
             data = json.loads(text)
@@ -107,16 +110,26 @@ def read_records(path: Path) -> tuple[list[tuple[int, Any]], list[str]]:
             records.append((lineno, json.loads(line)))
         except json.JSONDecodeError as e:
             problems.append(f"row {lineno}: invalid JSON at line {lineno} column {e.colno}: {e.msg}")
+    if problems and _is_one_object(text):
+        return [], ["the file holds one JSON object spread over several lines; expected a JSON array of rows "
+                    "or JSON Lines (one row per line)"]
     if not records and not problems:
         problems.append("the file holds no examples")
     return records, problems
+
+
+def _is_one_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 def parse_record(record: Any, row: int) -> tuple[Example | None, list[str], int]:
     """Validate one row and convert it: (Example or None, problems, 1 if an <image> was inserted else 0)."""
     if not isinstance(record, dict):
         return None, [f"row {row}: expected an object, got {type(record).__name__}"], 0
-    example_id = str(record.get("id", row))
+    example_id = str(record["id"] if record.get("id") is not None else row)
     where = f"row {row} (id {example_id!r})"
     image = record.get("image")
     problems = []
