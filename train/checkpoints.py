@@ -1,0 +1,64 @@
+"""Checkpoints: which one to resume from, and what a checkpoint carries beyond the Trainer's own files.
+
+The Trainer writes `checkpoint-<step>/` into the checkpoint dir (SageMaker syncs `/opt/ml/checkpoints` to S3, and
+copies it back when a managed-spot job restarts): weights (the LoRA adapter with the projector, or the full model),
+optimizer, scheduler, RNG states, and `trainer_state.json` last. A checkpoint is complete when it has
+`trainer_state.json`, its weights file, and, under DeepSpeed, the engine state dir named by its `latest` file; a
+job killed mid-save (or an interrupted S3 sync) leaves an incomplete one, which is skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "trainer_state.json"
+WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json",
+                "adapter_model.bin", "pytorch_model.bin")
+
+
+def checkpoint_step(path: Path) -> int | None:
+    match = CHECKPOINT_RE.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def incompleteness(path: Path) -> str | None:
+    """Why `path` is not a complete checkpoint, or None when it is."""
+    state = path / STATE_FILE
+    if not state.is_file():
+        return f"no {STATE_FILE}"
+    try:
+        json.loads(state.read_text())
+    except (OSError, ValueError):
+        return f"unreadable {STATE_FILE}"
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        return "no weights file"
+    latest = path / "latest"  # DeepSpeed names its engine-state dir here
+    if latest.is_file() and not (path / latest.read_text().strip()).is_dir():
+        return f"DeepSpeed state {latest.read_text().strip()!r} missing"
+    return None
+
+
+def find_resume_checkpoint(checkpoint_dir: str | Path) -> Path | None:
+    """The newest complete `checkpoint-N` in `checkpoint_dir`, or None."""
+    root = Path(checkpoint_dir)
+    if not root.is_dir():
+        return None
+    candidates = sorted((p for p in root.iterdir() if p.is_dir() and checkpoint_step(p) is not None),
+                        key=checkpoint_step, reverse=True)
+    for path in candidates:
+        reason = incompleteness(path)
+        if reason is None:
+            return path
+        log.warning("skipping incomplete checkpoint %s (%s)", path, reason)
+    return None
+
+
+def resume_step(path: Path) -> int:
+    """The global step a checkpoint was saved at, from its trainer state."""
+    return int(json.loads((path / STATE_FILE).read_text())["global_step"])

@@ -1,0 +1,158 @@
+"""The fine-tuning job, step by step: data -> checks -> model -> train (resuming) -> merge -> report -> artifact.
+
+Data and the checkpoint's config are validated before any weights are loaded, so a bad row or flag fails in
+seconds. Every rank trains; rank 0 alone then merges the adapter into an unquantised copy of the base, runs the
+generation report and writes the artifact (train/artifact.py) with eval_report.json and loss_curve.png.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from train.config import TrainConfig
+from train.data import DataError, load_examples
+
+log = logging.getLogger(__name__)
+
+ADAPTER_DIR = "adapter"  # the final LoRA adapter (+ projector), kept inside the model dir
+FULL_WEIGHTS_DIR = ".full-weights"  # the final full fine-tune, removed once the artifact is written
+
+
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    """Train as configured; returns a summary (rank 0: the report's scores) for the caller to log."""
+    examples = load_examples(cfg.data_path, cfg.image_folder)
+    val_examples = load_examples(cfg.validation_data_path, cfg.image_folder) if cfg.validation_data_path else []
+    check_model(cfg)
+    runtime = prepare_runtime(cfg)
+    from train.trainer import training_arguments
+
+    # Before the model is loaded: under ZeRO-3 the arguments make from_pretrained partition weights as it loads.
+    args = training_arguments(cfg, use_cpu=not runtime["cuda"], tf32=runtime["tf32"])
+    processor = load_training_processor(cfg)
+    trainer = make_trainer(cfg, args, processor, examples, val_examples)
+    resume = find_resume(cfg)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    final_dir = save_final(cfg, trainer)
+    history = list(trainer.state.log_history)
+    if not trainer.is_world_process_zero():
+        return {}
+    release(trainer)
+    del trainer
+    from train.export import export
+
+    return export(cfg, final_dir, processor, history, val_examples, resumed_from=resume)
+
+
+def check_model(cfg: TrainConfig) -> None:
+    from train.modeling import ModelConfigError, checkpoint_problems, read_model_config
+
+    problems = checkpoint_problems(cfg, read_model_config(cfg.model_name_or_path))
+    if problems:
+        raise ModelConfigError(problems)
+
+
+def prepare_runtime(cfg: TrainConfig) -> dict[str, Any]:
+    import torch
+
+    from train.launch import ensure_rendezvous_env
+    from train.trainer import skip_deepspeed_shm_build
+
+    cuda = torch.cuda.is_available()
+    if cfg.deepspeed:
+        ensure_rendezvous_env(os.environ)
+        if not cuda:
+            skip_deepspeed_shm_build()
+    tf32 = cfg.tf32
+    if tf32 and not (cuda and torch.cuda.get_device_capability()[0] >= 8):
+        log.warning("--tf32 True ignored: it needs an Ampere or newer GPU")
+        tf32 = None
+    check_trackers(cfg)
+    return {"cuda": cuda, "tf32": tf32}
+
+
+def check_trackers(cfg: TrainConfig) -> None:
+    from transformers.integrations import get_available_reporting_integrations
+
+    wanted = [r.strip() for r in cfg.report_to.split(",") if r.strip() not in ("", "none")]
+    missing = [r for r in wanted if r not in get_available_reporting_integrations() and r != "all"]
+    if missing:
+        log.warning("--report_to %s: not installed in this environment, dropped; metrics still go to the log "
+                    "lines (and CloudWatch through the metric definitions)", ",".join(missing))
+        kept = [r for r in wanted if r not in missing]
+        cfg.report_to = ",".join(kept) or "none"
+
+
+def load_training_processor(cfg: TrainConfig) -> Any:
+    from train.merge import load_processor
+
+    return load_processor([cfg.model_name_or_path], version=cfg.version, image_aspect_ratio=cfg.image_aspect_ratio)
+
+
+def make_trainer(cfg: TrainConfig, args: Any, processor: Any, examples: list, val_examples: list) -> Any:
+    from train.labels import ExampleDataset, LlavaCollator
+    from train.modeling import build_model
+    from train.trainer import SampleIdLogger, build_trainer
+
+    train_ds = ExampleDataset(examples, processor, max_length=cfg.model_max_length)
+    if len(train_ds) == 0:
+        raise DataError(str(cfg.data_path), [f"row 0: none of the {len(examples)} examples fits --model_max_length "
+                                             f"{cfg.model_max_length} (image tokens count towards it)"])
+    eval_ds = None
+    if val_examples and cfg.evaluation_strategy != "no":
+        eval_ds = ExampleDataset(val_examples, processor, max_length=cfg.model_max_length)
+    collator = LlavaCollator(processor, cfg.image_folder, cfg.model_max_length)
+    if cfg.log_sample_ids:
+        collator = SampleIdLogger(collator, args.process_index)
+    model = build_model(cfg, device=args.device)
+    return build_trainer(cfg, model, processor, train_ds, eval_ds, collator, args)
+
+
+def find_resume(cfg: TrainConfig) -> Path | None:
+    from train.checkpoints import find_resume_checkpoint, resume_step
+
+    if not cfg.resume:
+        return None
+    checkpoint = find_resume_checkpoint(cfg.checkpoint_dir)
+    if checkpoint is not None:
+        log.info("resuming from %s (step %d): adapter, projector, optimizer, scheduler and RNG states",
+                 checkpoint, resume_step(checkpoint))
+    return checkpoint
+
+
+def save_final(cfg: TrainConfig, trainer: Any) -> Path:
+    """Every rank takes part (ZeRO-3 gathers the weights); rank 0 writes."""
+    from train.trainer import SaveConfigCallback
+
+    final = Path(cfg.output_dir) / (ADAPTER_DIR if cfg.lora_enable else FULL_WEIGHTS_DIR)
+    trainer.save_model(str(final))
+    if trainer.is_world_process_zero():
+        SaveConfigCallback(cfg.to_dict()).write(final)  # lets `python -m train.merge --adapter` find the base
+    trainer.accelerator.wait_for_everyone()
+    return final
+
+
+def release(trainer: Any) -> None:
+    """Free the training model, optimizer and DeepSpeed state before the export loads fresh copies."""
+    import torch
+
+    try:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()  # else from_pretrained would build the export's models under zero.Init
+    except ImportError:
+        pass
+    trainer.accelerator.free_memory()
+    trainer.model = trainer.model_wrapped = trainer.deepspeed = trainer.optimizer = trainer.lr_scheduler = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def remove_full_weights(final_dir: Path) -> None:
+    if final_dir.name == FULL_WEIGHTS_DIR:
+        shutil.rmtree(final_dir, ignore_errors=True)
