@@ -139,10 +139,8 @@ def resolve(cls: type, args: argparse.Namespace, command: str) -> tuple[Any, dic
     for f, _ in fields:
         if f.metadata.get("required") and values.get(f.name) in (None, "", [], {}):
             problems.append(f"{flag_name(f)} (or `{f.name}:` in the YAML) is required")
-    if problems:
-        raise OptionsError(problems)
-    opts = cls(**values)
-    problems = opts.problems()
+    opts = cls(**values)  # fields with problems above keep their defaults, so every check below still runs
+    problems += opts.problems()
     if problems:
         raise OptionsError(problems)
     return opts, sources
@@ -227,9 +225,13 @@ def check_range(name: str, value: int | float | None, low: float, high: float | 
     if value is None:
         return []
     if value < low or (high is not None and value > high):
-        limit = f">= {low:g}" if high is None else f"between {low:g} and {high:g}"
+        limit = f">= {_num(low)}" if high is None else f"between {_num(low)} and {_num(high)}"
         return [f"{name}: {value} must be {limit}"]
     return []
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
 def check_env(name: str, env: dict[str, str], *, max_len: int, max_total: int | None = None) -> list[str]:
