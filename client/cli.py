@@ -5,6 +5,8 @@
     llava-sm deploy  --config endpoint.yaml [--dry-run]
     llava-sm predict chart.png "What is the highest value?" [--url URL | --endpoint-name NAME]
     llava-sm delete  --endpoint-name NAME
+    llava-sm data synth data/charts [-n 1000] [--tables my.csv]      (synthetic chart-QA data)
+    llava-sm eval    --data data/charts/validation/dataset.json (--model-dir DIR | --url URL | --endpoint-name NAME)
 
 Adding a subcommand: write a module with `add_parser(subparsers)` that registers the command and sets
 `func=run` (`run(args) -> int` exit code), and list it in COMMAND_MODULES. Modules are imported to build the parser,
@@ -24,6 +26,8 @@ COMMAND_MODULES = (
     "client.deploy",
     "client.predict_command",
     "client.delete",
+    "client.data_command",
+    "client.evaluate",
 )
 
 
