@@ -1,0 +1,257 @@
+"""The SageMaker-facing HTTP app: `create_app(cfg) -> FastAPI` with the endpoints SageMaker calls.
+
+    GET  /ping                  200 once the model is loaded and healthy, else 503 `not_ready`; never waits on
+                                generation (it runs on the batcher's thread)
+    POST /invocations           application/json: {"image", "question", "temperature", "top_p", "max_new_tokens",
+                                "stop"} or {"instances": [...]}; or a raw image body (image/png, image/jpeg,
+                                image/webp, application/x-image) with the question in ?question= or in
+                                X-Amzn-SageMaker-Custom-Attributes
+                                -> {"answer", "usage": {"prompt_tokens", "completion_tokens"}, "finish_reason",
+                                    "latency_ms"} (a list of those for "instances")
+    GET  /execution-parameters  what batch transform should send (SINGLE_RECORD, our payload cap)
+
+The model loads on a background thread after the socket is listening (SageMaker wants the socket within 250 ms and
+/ping within 2 s). Limits, checked in this order: 503 while loading; 415 content type; 413 body over
+`max_payload_bytes`, counted while the body streams in; 400 for bad JSON, schema, images and URLs; 503 when the
+queue is full; 504 past `request_timeout_s`. Every error has the envelope of serve/errors.py. Each request logs one
+line (id, method, path, status, latency; never payload content) and returns its id in `X-Request-Id`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import parse_qsl
+
+from fastapi import FastAPI, Request
+from starlette.requests import ClientDisconnect
+from starlette.responses import JSONResponse
+
+from serve.batching import Batcher
+from serve.config import MiB, ServeConfig
+from serve.errors import ApiError, error_response, internal_error, register_error_handlers
+from serve.images import ImagePolicy, decode_image, load_image
+from serve.predictor import GenerationRequest, GenerationResult
+from serve.schema import GenerationParams, parse_json_body, parse_raw_params
+
+log = logging.getLogger(__name__)
+
+JSON_TYPES = ("application/json",)
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "application/x-image")
+CUSTOM_ATTRIBUTES = "x-amzn-sagemaker-custom-attributes"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+class ServerState:
+    """What the endpoints share: the config, the image policy, and the batcher once the model is loaded."""
+
+    def __init__(self, cfg: ServeConfig):
+        self.cfg = cfg
+        self.policy = ImagePolicy.from_config(cfg)
+        self.batcher: Batcher | None = None
+        self.load_error: BaseException | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.batcher is not None and self.batcher.healthy
+
+    def require_batcher(self) -> Batcher:
+        if self.batcher is None or not self.batcher.healthy:
+            message = "the model failed to load" if self.load_error else "the model is still loading"
+            raise ApiError("not_ready", message)
+        return self.batcher
+
+
+def default_predictor_factory(cfg: ServeConfig) -> Callable[[], Any]:
+    def build():
+        from serve.model import load_artifact
+        from serve.predictor import Predictor
+
+        if cfg.torch_threads:
+            import torch
+
+            torch.set_num_threads(cfg.torch_threads)
+        loaded = load_artifact(cfg.model_dir, quantization=cfg.quantization, device=cfg.device)
+        return Predictor(loaded, max_new_tokens_cap=cfg.max_new_tokens)
+    return build
+
+
+def create_app(cfg: ServeConfig, *, predictor_factory: Callable[[], Any] | None = None,
+               on_load_failure: Callable[[BaseException], None] | None = None) -> FastAPI:
+    """`predictor_factory()` returns an object with `predict(requests, on_result=None)` (serve.predictor.Predictor
+    by default, built from `cfg.model_dir`); it runs on a background thread when the app starts."""
+    state = ServerState(cfg)
+    factory = predictor_factory or default_predictor_factory(cfg)
+
+    def load() -> None:
+        started = time.perf_counter()
+        try:
+            predictor = factory()
+            state.batcher = Batcher(predictor, max_batch_size=cfg.max_batch_size, max_wait_ms=cfg.max_wait_ms,
+                                    max_queue=cfg.max_queue).start()
+        except BaseException as e:  # noqa: BLE001 - reported to the operator and to /ping
+            state.load_error = e
+            log.error("model load failed; /ping answers 503", exc_info=e)
+            if on_load_failure is not None:
+                on_load_failure(e)
+            return
+        log.info("model ready in %.1f s", time.perf_counter() - started)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        threading.Thread(target=load, name="model-load", daemon=True).start()
+        yield
+        if state.batcher is not None:
+            from starlette.concurrency import run_in_threadpool
+
+            await run_in_threadpool(state.batcher.close, cfg.graceful_timeout_s)
+
+    app = FastAPI(title="llava-sagemaker serve", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.serve = state
+    register_error_handlers(app)
+    app.add_middleware(RequestLogMiddleware)
+
+    @app.get("/ping")
+    async def ping():
+        if not state.ready:
+            return error_response(ApiError("not_ready", "the model failed to load" if state.load_error
+                                           else "the model is still loading"))
+        return {"status": "ready"}
+
+    @app.get("/execution-parameters")
+    async def execution_parameters():
+        return {"MaxConcurrentTransforms": cfg.max_batch_size, "BatchStrategy": "SINGLE_RECORD",
+                "MaxPayloadInMB": max(1, cfg.max_payload_bytes // MiB)}
+
+    @app.post("/invocations")
+    async def invocations(request: Request):
+        started = time.monotonic()
+        try:
+            return await _invoke(state, request, started)
+        except ApiError as e:
+            return error_response(e)
+        except ClientDisconnect:
+            return error_response(ApiError("invalid_request", "the client disconnected while sending the body"))
+        except Exception:  # noqa: BLE001 - our bug: logged with traceback, nothing internal in the body
+            log.exception("internal error on /invocations (request id %s)", request.scope["state"].get("request_id"))
+            return error_response(internal_error())
+
+    return app
+
+
+async def _invoke(state: ServerState, request: Request, started: float) -> JSONResponse:
+    from starlette.concurrency import run_in_threadpool
+
+    cfg = state.cfg
+    deadline = started + cfg.request_timeout_s
+    batcher = state.require_batcher()
+    content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if content_type not in JSON_TYPES + IMAGE_TYPES:
+        raise ApiError("unsupported_media_type", f"Content-Type {content_type or '(none)'!r} is not accepted; send "
+                                                 f"{', '.join(JSON_TYPES + IMAGE_TYPES)}")
+    body = await read_body_capped(request, cfg.max_payload_bytes)
+    if content_type in JSON_TYPES:
+        items, is_batch = parse_json_body(body, max_instances=cfg.max_instances, max_new_tokens=cfg.max_new_tokens)
+        batcher.check_room(len(items))
+        requests = await run_in_threadpool(_requests_from_json, items, state.policy, deadline, is_batch)
+    else:
+        attributes = parse_qsl(request.headers.get(CUSTOM_ATTRIBUTES, ""), keep_blank_values=True)
+        params = parse_raw_params(request.query_params.multi_items(), attributes,
+                                  max_new_tokens=cfg.max_new_tokens)
+        batcher.check_room(1)
+        if not body:
+            raise ApiError("invalid_image", "the body is empty; send the image bytes")
+        image = await run_in_threadpool(decode_image, body, cfg.max_image_pixels)
+        requests, is_batch = [_generation_request(params, image, deadline)], False
+    outcomes = await batcher.submit(requests, deadline)
+    for outcome in outcomes:
+        if isinstance(outcome, ApiError):
+            raise outcome
+    latency_ms = round(1000 * (time.monotonic() - started), 1)
+    replies = [_reply(o, latency_ms) for o in outcomes]
+    return JSONResponse(replies if is_batch else replies[0])
+
+
+async def read_body_capped(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as the declared length or the bytes received pass `limit`."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError("payload_too_large", f"body is {declared} bytes; the limit is {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError("payload_too_large", f"body is over the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _requests_from_json(items: list, policy: ImagePolicy, deadline: float, is_batch: bool) -> list[GenerationRequest]:
+    requests = []
+    for i, item in enumerate(items):
+        try:
+            image = load_image(item.image, policy, deadline=deadline)
+        except ApiError as e:
+            raise ApiError(e.code, f"instances.{i}.image: {e.message}" if is_batch else e.message) from None
+        requests.append(_generation_request(item, image, deadline))
+    return requests
+
+
+def _generation_request(params: GenerationParams, image: Any, deadline: float) -> GenerationRequest:
+    return GenerationRequest(image=image, question=params.question, temperature=params.temperature,
+                             top_p=params.top_p, max_new_tokens=params.max_new_tokens,
+                             stop=tuple(params.stop or ()), deadline=deadline)
+
+
+def _reply(result: GenerationResult, latency_ms: float) -> dict[str, Any]:
+    return {"answer": result.answer,
+            "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
+            "finish_reason": result.finish_reason, "latency_ms": latency_ms}
+
+
+class RequestLogMiddleware:
+    """One log line per request (id, method, path, status, latency) and the id in `X-Request-Id`. The id is the
+    caller's `X-Amzn-SageMaker-Inference-Id` or `X-Request-Id` when well-formed, else a new one."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request_id = _request_id(scope)
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"x-request-id", request_id.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            quiet = scope["path"] == "/ping" and status == 200  # SageMaker pings every few seconds
+            log.log(logging.DEBUG if quiet else logging.INFO, "request id=%s method=%s path=%s status=%d "
+                    "latency_ms=%.1f", request_id, scope["method"], scope["path"], status,
+                    1000 * (time.perf_counter() - started))
+
+
+def _request_id(scope) -> str:
+    headers = dict(scope.get("headers") or [])
+    for name in (b"x-amzn-sagemaker-inference-id", b"x-request-id"):
+        value = headers.get(name, b"").decode("latin-1")
+        if _REQUEST_ID.match(value):
+            return value
+    return uuid.uuid4().hex

@@ -1,0 +1,163 @@
+"""Dynamic batching: concurrent requests are gathered into one `Predictor.predict` call on one generation thread.
+
+The event loop only enqueues and awaits; all generation runs on the `generation` thread, so `/ping` never waits on
+the model. A batch starts when `max_batch_size` requests are waiting or when the oldest has waited `max_wait_ms`.
+Each request gets its outcome the moment the predictor reports it (short answers do not wait for long ones);
+a request past its deadline is answered 504 while the rest of its batch goes on; a request whose preparation fails
+fails alone. The queue is bounded: beyond `max_queue` waiting requests, `submit` answers 503 `overloaded` at once.
+A CUDA out-of-memory answers that batch 503 `overloaded`; any other predictor exception answers it 500 and is
+logged. An unrecoverable CUDA error marks the batcher unhealthy, so `/ping` fails and SageMaker replaces the host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from serve.errors import ApiError, internal_error
+from serve.predictor import GenerationRequest, Outcome
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Item:
+    request: GenerationRequest
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    enqueued: float = field(default_factory=time.monotonic)
+    resolved: bool = False  # touched only by the generation thread
+
+    def resolve(self, outcome: Outcome) -> None:
+        if self.resolved:
+            return
+        self.resolved = True
+        self.loop.call_soon_threadsafe(_set_outcome, self.future, outcome)
+
+
+def _set_outcome(future: asyncio.Future, outcome: Outcome) -> None:
+    if not future.done():  # the caller may have timed out already
+        future.set_result(outcome)
+
+
+class Batcher:
+    def __init__(self, predictor: Any, *, max_batch_size: int = 8, max_wait_ms: float = 10.0, max_queue: int = 64):
+        self.predictor = predictor
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self.healthy = True
+        self._queue: deque[_Item] = deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="generation", daemon=True)
+
+    # ------------------------------------------------------------------ event-loop side
+    def start(self) -> Batcher:
+        self._thread.start()
+        return self
+
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def check_room(self, n: int = 1) -> None:
+        """Fail fast (before any image is fetched) when `n` more requests would not fit in the queue."""
+        if self._closing:
+            raise ApiError("not_ready", "the server is shutting down")
+        if len(self._queue) + n > self.max_queue:
+            raise ApiError("overloaded", f"the server is at capacity ({self.max_queue} requests waiting); retry "
+                                         "shortly")
+
+    async def submit(self, requests: Sequence[GenerationRequest], deadline: float | None = None) -> list[Outcome]:
+        """Queue `requests` and wait for all their outcomes; raise ApiError timeout at `deadline`."""
+        loop = asyncio.get_running_loop()
+        items = [_Item(r, loop.create_future(), loop) for r in requests]
+        with self._cond:
+            self.check_room(len(items))
+            self._queue.extend(items)
+            self._cond.notify()
+        waiting = asyncio.gather(*(it.future for it in items))
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            return await asyncio.wait_for(waiting, timeout)
+        except BaseException as e:
+            for it in items:  # rows still queued are skipped, rows generating stop at their next token
+                it.request.cancelled = True
+            if isinstance(e, asyncio.TimeoutError):
+                raise ApiError("timeout", "the request ran past its time budget") from None
+            raise
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop after the current batch; whatever is still queued is answered 503."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        with self._cond:
+            left, self._queue = list(self._queue), deque()
+        for it in left:
+            it.resolve(ApiError("not_ready", "the server shut down before this request ran"))
+
+    # ------------------------------------------------------------------ generation thread
+    def _run(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            if batch:
+                self._run_batch(batch)
+
+    def _next_batch(self) -> list[_Item] | None:
+        with self._cond:
+            while not self._queue and not self._closing:
+                self._cond.wait()
+            if self._closing:
+                return None
+            # Gather: wait until the batch is full or the oldest request has waited max_wait.
+            window_end = self._queue[0].enqueued + self.max_wait_s
+            while len(self._queue) < self.max_batch_size and not self._closing:
+                remaining = window_end - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            take = min(len(self._queue), self.max_batch_size)
+            batch = [self._queue.popleft() for _ in range(take)]
+        return [it for it in batch if not (it.request.cancelled or it.future.done())]
+
+    def _run_batch(self, items: list[_Item]) -> None:
+        started = time.perf_counter()
+        try:
+            outcomes = self.predictor.predict([it.request for it in items],
+                                              on_result=lambda i, outcome: items[i].resolve(outcome))
+        except Exception as e:  # noqa: BLE001 - every failure must reach the waiting callers
+            error = self._batch_error(e, len(items))
+            for it in items:
+                it.resolve(error)
+            return
+        for it, outcome in zip(items, outcomes):
+            it.resolve(outcome)
+        for it in items:  # a predictor that returned too few outcomes is our bug, not the caller's
+            it.resolve(internal_error())
+        log.debug("batch of %d done in %.1f ms (%d queued)", len(items), 1000 * (time.perf_counter() - started),
+                  len(self._queue))
+
+    def _batch_error(self, e: Exception, size: int) -> ApiError:
+        if type(e).__name__ == "OutOfMemoryError":
+            import torch
+
+            torch.cuda.empty_cache()
+            log.warning("CUDA out of memory on a batch of %d; answered 503 overloaded", size)
+            return ApiError("overloaded", "the model ran out of GPU memory on this batch; retry, or send fewer or "
+                                          "shorter requests")
+        log.error("generation failed on a batch of %d", size, exc_info=e)
+        if "CUDA error" in str(e) or type(e).__name__ == "AcceleratorError":
+            self.healthy = False  # the CUDA context is unusable: /ping fails so SageMaker replaces the host
+            log.error("unrecoverable CUDA error: /ping now answers 503")
+        return internal_error()

@@ -1,0 +1,267 @@
+"""Predictor: a list of generation requests in, one result (or ApiError) per request out, from ONE `generate` call.
+
+    predictor = Predictor(load_artifact(model_dir))
+    results = predictor.predict([GenerationRequest(image=pil_image, question="What type of chart is this?")])
+
+Each row keeps its own parameters inside the shared batch: temperature 0 is greedy (exactly the argmax, so a row
+answers the same alone or batched), temperature > 0 samples with that row's temperature and top_p;
+max_new_tokens, stop strings and the deadline are checked per row after every token. A row that finishes is
+handed to `on_result` at once, so callers of short answers do not wait for the longest row. A row that cannot be
+prepared (a prompt longer than the model's context) fails alone; the others still run.
+Prompts render with the chat template from the model dir and pad on the left.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from serve.errors import ApiError
+from serve.model import LoadedModel
+
+log = logging.getLogger(__name__)
+
+# Keys of processor outputs that are per-token sequences (padded on the left); every other tensor is per image.
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+
+
+@dataclass
+class GenerationRequest:
+    image: Any  # a PIL RGB image (serve.images decodes it), or None for a text-only question
+    question: str
+    temperature: float | None = None  # None: the artifact's default; 0: greedy
+    top_p: float | None = None
+    max_new_tokens: int | None = None
+    stop: Sequence[str] = ()
+    deadline: float | None = None  # time.monotonic() by which the answer is due
+    cancelled: bool = field(default=False, compare=False)  # set when the caller gave up; the row stops
+
+
+@dataclass
+class GenerationResult:
+    answer: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end of sequence or a stop string) or "length"
+
+
+Outcome = GenerationResult | ApiError
+OnResult = Callable[[int, Outcome], None]
+
+
+@dataclass(frozen=True)
+class _Row:
+    """A prepared request: its index in the call, processor outputs and resolved parameters."""
+    index: int
+    inputs: dict[str, Any]
+    prompt_tokens: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    stop: tuple[str, ...]
+
+
+class Predictor:
+    """Batched generation on a loaded artifact. Not thread-safe: one thread (the batcher's) calls `predict`."""
+
+    def __init__(self, loaded: LoadedModel, *, max_new_tokens_cap: int = 1024):
+        self.loaded = loaded
+        gen = loaded.generation_config
+        self.max_new_tokens_cap = max_new_tokens_cap
+        self.default_max_new_tokens = min(gen.max_new_tokens or 128, max_new_tokens_cap)
+        self.default_temperature = float(gen.temperature or 1.0) if gen.do_sample else 0.0
+        self.default_top_p = float(gen.top_p) if gen.do_sample and gen.top_p is not None else 1.0
+
+    # ------------------------------------------------------------------ public
+    def predict(self, requests: Sequence[GenerationRequest], on_result: OnResult | None = None) -> list[Outcome]:
+        """Answer every request; `on_result(i, outcome)` fires once per request as soon as its outcome is known."""
+        import torch
+
+        results: list[Outcome | None] = [None] * len(requests)
+
+        def deliver(i: int, outcome: Outcome) -> None:
+            results[i] = outcome
+            if on_result is not None:
+                on_result(i, outcome)
+
+        rows = []
+        for i, req in enumerate(requests):
+            try:
+                rows.append(self._prepare(i, req))
+            except ApiError as e:
+                deliver(i, e)
+        if rows:
+            with torch.inference_mode():
+                self._generate(rows, requests, deliver)
+        return [r if r is not None else ApiError("internal_error", "no result") for r in results]
+
+    def render_prompt(self, question: str, with_image: bool = True) -> str:
+        content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": question}]
+        return self.loaded.processor.apply_chat_template([{"role": "user", "content": content}],
+                                                         add_generation_prompt=True, tokenize=False)
+
+    # ------------------------------------------------------------------ preparation
+    def _prepare(self, index: int, req: GenerationRequest) -> _Row:
+        if req.cancelled or (req.deadline is not None and time.monotonic() > req.deadline):
+            raise ApiError("timeout", "the request ran out of its time budget before generation started")
+        max_new = self.default_max_new_tokens if req.max_new_tokens is None else req.max_new_tokens
+        if max_new > self.max_new_tokens_cap:
+            raise ApiError("invalid_request", f"max_new_tokens={max_new} is over this server's cap of "
+                                              f"{self.max_new_tokens_cap}")
+        prompt = self.render_prompt(req.question, with_image=req.image is not None)
+        images = [req.image] if req.image is not None else None
+        inputs = dict(self.loaded.processor(images=images, text=[prompt], return_tensors="pt"))
+        prompt_tokens = int(inputs["input_ids"].shape[1])
+        context = self.loaded.max_positions
+        if context is not None:
+            if prompt_tokens >= context:
+                raise ApiError("invalid_request", f"the prompt is {prompt_tokens} tokens (image included); the "
+                                                  f"model's context is {context}: ask a shorter question")
+            max_new = min(max_new, context - prompt_tokens)
+        temperature = self.default_temperature if req.temperature is None else float(req.temperature)
+        top_p = self.default_top_p if req.top_p is None else float(req.top_p)
+        return _Row(index, inputs, prompt_tokens, temperature, top_p, max_new, tuple(s for s in req.stop if s))
+
+    def _collate(self, rows: list[_Row]) -> dict[str, Any]:
+        """Left-pad the token sequences, concatenate the per-image tensors."""
+        import torch
+
+        width = max(r.prompt_tokens for r in rows)
+        pad_id = self.loaded.processor.tokenizer.pad_token_id
+        batch: dict[str, Any] = {}
+        for key in rows[0].inputs:
+            tensors = [r.inputs[key] for r in rows if key in r.inputs]
+            if key in SEQUENCE_KEYS:
+                fill = pad_id if key == "input_ids" else 0
+                tensors = [torch.nn.functional.pad(t, (width - t.shape[1], 0), value=fill) for t in tensors]
+            batch[key] = torch.cat(tensors, dim=0).to(self.loaded.device)
+        if "pixel_values" in batch:
+            batch["pixel_values"] = batch["pixel_values"].to(self.loaded.model.dtype)
+        return batch
+
+    # ------------------------------------------------------------------ generation
+    def _generate(self, rows: list[_Row], requests: Sequence[GenerationRequest], deliver: OnResult) -> None:
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        groups: dict[frozenset, list[_Row]] = {}
+        for r in rows:  # rows with and without an image have different processor outputs: one call per kind
+            groups.setdefault(frozenset(r.inputs), []).append(r)
+        if len(groups) > 1:
+            for group in groups.values():
+                self._generate(group, requests, deliver)
+            return
+        batch = self._collate(rows)
+        tracker = _RowTracker(self, rows, requests, int(batch["input_ids"].shape[1]), deliver)
+        sample = any(r.temperature > 0 for r in rows)
+        gen = self._generation_config(max(r.max_new_tokens for r in rows), sample)
+        processors = LogitsProcessorList([_PerRowSampling(rows)] if sample else [])
+        out = self.loaded.model.generate(**batch, generation_config=gen, logits_processor=processors,
+                                         stopping_criteria=StoppingCriteriaList([tracker]))
+        tracker.finish_remaining(out)
+
+    def _generation_config(self, max_new_tokens: int, sample: bool):
+        gen = copy.deepcopy(self.loaded.generation_config)
+        gen.max_new_tokens = max_new_tokens
+        gen.max_length = None
+        gen.min_new_tokens = None
+        gen.do_sample = sample
+        gen.num_beams = 1
+        gen.stop_strings = None  # ours are per row (_RowTracker)
+        # Sampling parameters live per row in _PerRowSampling; the batch-wide warpers stay neutral.
+        gen.temperature, gen.top_p, gen.top_k = (1.0, 1.0, 0) if sample else (None, None, None)
+        return gen
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.loaded.processor.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+
+class _PerRowSampling:
+    """Per-row temperature and top_p in one logits processor; greedy rows keep only their argmax, so sampling
+    picks it with probability 1 and they stay exactly greedy inside a sampled batch."""
+
+    def __init__(self, rows: list[_Row]):
+        self.temperature = [r.temperature for r in rows]
+        self.top_p = [r.top_p for r in rows]
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        temps = torch.tensor(self.temperature, dtype=scores.dtype, device=scores.device)
+        top_p = torch.tensor(self.top_p, dtype=scores.dtype, device=scores.device)
+        greedy = temps <= 0
+        scaled = scores / torch.where(greedy, torch.ones_like(temps), temps)[:, None]
+        sorted_logits, sorted_idx = torch.sort(scaled, dim=-1)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cumulative <= (1 - top_p)[:, None]
+        drop_sorted[:, -1] = False  # always keep the most likely token
+        drop = drop_sorted.scatter(1, sorted_idx, drop_sorted)
+        sampled = scaled.masked_fill(drop, float("-inf"))
+        one_hot = torch.full_like(scores, float("-inf"))
+        one_hot.scatter_(1, scores.argmax(dim=-1, keepdim=True), 0.0)
+        return torch.where(greedy[:, None], one_hot, sampled)
+
+
+class _RowTracker:
+    """Stopping criterion that watches each row after every token: end of sequence, stop strings, its own
+    max_new_tokens, deadline and cancellation. A finished row is delivered immediately and marked done, so the
+    batch stops as soon as every row is."""
+
+    def __init__(self, predictor: Predictor, rows: list[_Row], requests: Sequence[GenerationRequest],
+                 prompt_width: int, deliver: OnResult):
+        self.predictor = predictor
+        self.rows = rows
+        self.requests = [requests[r.index] for r in rows]
+        self.prompt_width = prompt_width
+        self.deliver = deliver
+        self.eos = set(predictor.loaded.eos_token_ids)
+        self.done = [False] * len(rows)
+        # Longest tail (in tokens) that can hold a stop string: a byte-level token is at least one byte.
+        self.stop_window = [4 * max((len(s) for s in r.stop), default=0) + 4 for r in rows]
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        steps = input_ids.shape[1] - self.prompt_width
+        last = input_ids[:, -1].tolist()
+        now = time.monotonic()
+        for j, row in enumerate(self.rows):
+            if self.done[j]:
+                continue
+            if last[j] in self.eos:
+                self._finish(j, input_ids[j, self.prompt_width:-1].tolist(), steps, "stop")
+            elif row.stop and self._stop_hit(j, input_ids):
+                self._finish(j, input_ids[j, self.prompt_width:].tolist(), steps, "stop")
+            elif steps >= row.max_new_tokens:
+                self._finish(j, input_ids[j, self.prompt_width:].tolist(), steps, "length")
+            elif self.requests[j].cancelled or (self.requests[j].deadline or float("inf")) < now:
+                self._fail(j, ApiError("timeout", "generation ran past the request's time budget"))
+        return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
+
+    def finish_remaining(self, output_ids) -> None:
+        steps = output_ids.shape[1] - self.prompt_width
+        for j in range(len(self.rows)):
+            if not self.done[j]:
+                self._finish(j, output_ids[j, self.prompt_width:].tolist(), steps, "length")
+
+    def _stop_hit(self, j: int, input_ids) -> bool:
+        tail = input_ids[j, max(self.prompt_width, input_ids.shape[1] - self.stop_window[j]):].tolist()
+        text = self.predictor.decode(tail)
+        return any(s in text for s in self.rows[j].stop)
+
+    def _finish(self, j: int, token_ids: list[int], steps: int, reason: str) -> None:
+        row = self.rows[j]
+        answer = self.predictor.decode(token_ids)
+        cut = min((answer.find(s) for s in row.stop if s in answer), default=-1)
+        if cut >= 0:
+            answer, reason = answer[:cut], "stop"
+        self.done[j] = True
+        self.deliver(row.index, GenerationResult(answer=answer.strip(), prompt_tokens=row.prompt_tokens,
+                                                 completion_tokens=steps, finish_reason=reason))
+
+    def _fail(self, j: int, error: ApiError) -> None:
+        self.done[j] = True
+        self.deliver(self.rows[j].index, error)

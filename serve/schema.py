@@ -1,0 +1,112 @@
+"""The `/invocations` wire contract: request models and their parsing into ApiErrors with readable messages.
+
+    {"image": "<url | s3:// | data: | base64>", "question": "...", "temperature": 0.1, "top_p": 0.9,
+     "max_new_tokens": 64, "stop": ["\\n"]}
+    {"instances": [<the object above>, ...]}
+
+Only `image` and `question` are required; unknown fields are refused (a misspelt "max_tokens" would otherwise be
+silently ignored). For raw image bodies the same generation fields come from the query string or from
+`X-Amzn-SageMaker-Custom-Attributes` written as a query string (`question=What%20is%20this%3F&temperature=0`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from serve.errors import ApiError, describe_validation_errors
+
+MAX_QUESTION_CHARS = 20_000
+MAX_STOP_STRINGS = 8
+MAX_STOP_CHARS = 64
+PARAM_FIELDS = ("question", "temperature", "top_p", "max_new_tokens", "stop")
+
+
+class GenerationParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS)
+    temperature: float | None = Field(default=None, ge=0, le=5, description="0 means greedy")
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    max_new_tokens: int | None = Field(default=None, ge=1)
+    stop: list[str] | None = Field(default=None, max_length=MAX_STOP_STRINGS)
+
+    @field_validator("question")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_lengths(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and any(not s or len(s) > MAX_STOP_CHARS for s in value):
+            raise ValueError(f"each stop string must be 1 to {MAX_STOP_CHARS} characters")
+        return value
+
+
+class InvocationRequest(GenerationParams):
+    image: str = Field(min_length=1)
+
+
+class BatchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    instances: list[InvocationRequest] = Field(min_length=1)
+
+
+def parse_json_body(body: bytes, *, max_instances: int, max_new_tokens: int) -> tuple[list[InvocationRequest], bool]:
+    """JSON bytes -> (requests, is_batch). Raises ApiError invalid_json / invalid_request."""
+    try:
+        obj = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ApiError("invalid_json", f"body is not valid JSON ({type(e).__name__})") from None
+    if not isinstance(obj, dict):
+        raise ApiError("invalid_request", "body must be a JSON object: {\"image\": ..., \"question\": ...} or "
+                                          "{\"instances\": [...]}")
+    is_batch = "instances" in obj
+    if is_batch and isinstance(obj["instances"], list) and len(obj["instances"]) > max_instances:
+        raise ApiError("invalid_request", f"instances: at most {max_instances} per request, got "
+                                          f"{len(obj['instances'])}")
+    try:
+        requests = BatchRequest.model_validate(obj).instances if is_batch else [InvocationRequest.model_validate(obj)]
+    except ValidationError as e:
+        raise ApiError("invalid_request", describe_validation_errors(list(e.errors()))) from None
+    check_max_new_tokens(requests, max_new_tokens, batch=is_batch)
+    return requests, is_batch
+
+
+def parse_raw_params(query: Iterable[tuple[str, str]], custom_attributes: Iterable[tuple[str, str]],
+                     *, max_new_tokens: int) -> GenerationParams:
+    """Generation fields for a raw image body: custom attributes first, the query string overriding them."""
+    values: dict[str, Any] = {}
+    for source in (list(custom_attributes), list(query)):
+        stops = [v for k, v in source if k == "stop"]
+        values.update({k: v for k, v in source if k in PARAM_FIELDS and k != "stop"})
+        if stops:
+            values["stop"] = stops
+    if "question" not in values:
+        raise ApiError("invalid_request", "a raw image body needs the question in the query string (?question=...) "
+                                          "or in X-Amzn-SageMaker-Custom-Attributes (question=...)")
+    try:
+        params = GenerationParams.model_validate(values)
+    except ValidationError as e:
+        raise ApiError("invalid_request", describe_validation_errors(list(e.errors()))) from None
+    check_max_new_tokens([params], max_new_tokens)
+    return params
+
+
+def check_max_new_tokens(requests: list[Any], cap: int, *, batch: bool = False) -> None:
+    for i, req in enumerate(requests):
+        if req.max_new_tokens is not None and req.max_new_tokens > cap:
+            where = f"instances.{i}.max_new_tokens" if batch else "max_new_tokens"
+            raise ApiError("invalid_request", f"{where}: {req.max_new_tokens} is over this server's cap of {cap}")
