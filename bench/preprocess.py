@@ -1,0 +1,135 @@
+"""Image preprocessing cost on its own: decode + pad + resize (+ normalize) of a big PNG and JPEG, on CPU.
+
+    python -m bench.preprocess [--size 1600x1200] [--repeats 30] [--model-dir DIR] [--out DIR]
+
+Compares the reference path (PIL decode, then the saved processor: LlavaImageProcessorPil pads the full-size
+array to a square and resizes it) with serve.preshrink (JPEG draft decode, box reduce, pad and resize in PIL,
+then the same processor), and reports the pixel difference between the two. Target: <= 15 ms per image.
+Without --model-dir the processor has LLaVA-1.5's settings (336 px, CLIP mean/std, bicubic, pad to square).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import time
+from collections.abc import Callable
+from typing import Any
+
+from bench.report import machine, markdown_table, percentile, write_report
+
+TARGET_MS = 15.0
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def llava15_image_processor():
+    from transformers import LlavaImageProcessorPil
+
+    return LlavaImageProcessorPil(do_pad=True, size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                                  image_mean=CLIP_MEAN, image_std=CLIP_STD, resample=3, do_convert_rgb=True)
+
+
+def decode(data: bytes):
+    """Open without decoding; the reference loads it fully, the fast path may ask for a scaled JPEG decode."""
+    from PIL import Image
+
+    return Image.open(io.BytesIO(data))
+
+
+def reference(data: bytes, processor) -> Any:
+    image = decode(data)
+    image.load()
+    return processor(image, return_tensors="np")["pixel_values"][0]
+
+
+def fast(data: bytes, processor) -> Any:
+    from serve.preshrink import preshrink
+
+    return processor(preshrink(decode(data), processor), return_tensors="np")["pixel_values"][0]
+
+
+def fast_geometry(data: bytes, processor) -> Any:
+    """Decode + pad + resize only (what the target names), without rescale/normalize."""
+    from serve.preshrink import preshrink
+
+    return preshrink(decode(data), processor)
+
+
+def time_ms(fn: Callable[[], Any], repeats: int) -> list[float]:
+    fn()  # warm caches and lazy imports
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - start) * 1000)
+    return out
+
+
+def pixel_diff(processor, a, b) -> dict[str, float]:
+    """Differences in 0-255 pixel levels (normalized values times std*255)."""
+    import numpy as np
+
+    std = np.asarray(processor.image_std, dtype=np.float64).reshape(-1, 1, 1) * 255
+    d = np.abs(a.astype(np.float64) - b.astype(np.float64)) * std
+    return {"max_abs_diff_levels": float(d.max()), "mean_abs_diff_levels": float(d.mean()),
+            "p99_abs_diff_levels": float(np.percentile(d, 99)),
+            "max_abs_diff_normalized": float(np.abs(a - b).max())}
+
+
+def run(width: int, height: int, repeats: int, processor) -> list[dict[str, Any]]:
+    from bench.samples import chart_image, encode
+
+    image = chart_image(width, height)
+    rows = []
+    for fmt in ("PNG", "JPEG"):
+        data = encode(image, fmt)
+        row: dict[str, Any] = {"format": fmt, "size": f"{width}x{height}", "bytes": len(data)}
+        for name, fn in (("decode_only", lambda: decode(data).load()),
+                         ("reference", lambda: reference(data, processor)),
+                         ("fast_geometry", lambda: fast_geometry(data, processor)),
+                         ("fast", lambda: fast(data, processor))):
+            ms = time_ms(fn, repeats)
+            row[f"{name}_p50_ms"] = percentile(ms, 50)
+            row[f"{name}_p90_ms"] = percentile(ms, 90)
+        row.update(pixel_diff(processor, reference(data, processor), fast(data, processor)))
+        row["speedup"] = row["reference_p50_ms"] / row["fast_p50_ms"]
+        row["meets_target"] = row["fast_p50_ms"] <= TARGET_MS
+        rows.append(row)
+    return rows
+
+
+COLUMNS = [("format", "format"), ("size", "size"), ("decode_only_p50_ms", "decode only ms"),
+           ("reference_p50_ms", "reference ms (p50)"), ("fast_geometry_p50_ms", "fast decode+pad+resize ms"),
+           ("fast_p50_ms", "fast to pixel_values ms (p50)"), ("fast_p90_ms", "fast p90 ms"), ("speedup", "speed-up"),
+           ("max_abs_diff_levels", "max abs diff (levels of 255)"), ("mean_abs_diff_levels", "mean abs diff")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.preprocess", description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="1600x1200", help="WIDTHxHEIGHT of the test image")
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--model-dir", help="take the image processor from this artifact instead")
+    parser.add_argument("--out", help="write preprocess.json and preprocess.md here")
+    args = parser.parse_args(argv)
+    try:
+        width, height = (int(v) for v in args.size.lower().split("x"))
+    except ValueError:
+        parser.error(f"--size must look like 1600x1200, got {args.size!r}")
+    if args.repeats < 1 or width < 1 or height < 1:
+        parser.error("--repeats and the size must be positive")
+    if args.model_dir:
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(args.model_dir).image_processor
+    else:
+        processor = llava15_image_processor()
+    rows = run(width, height, args.repeats, processor)
+    md = (f"Image preprocessing, {args.repeats} repeats, one process (target: <= {TARGET_MS:g} ms)\n\n"
+          + markdown_table(rows, COLUMNS, digits=2))
+    write_report(args.out, "preprocess", {"machine": machine(), "target_ms": TARGET_MS, "results": rows}, md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,139 @@
+"""Fast image preprocessing: shrink a big decoded image in PIL before the processor sees it, same pixels.
+
+The saved processor (LlavaImageProcessorPil with do_pad) pads the *full-resolution* numpy array to a square with
+the mean colour and then resizes it with bicubic: ~40-60 ms for a 1600x1200 image on one CPU core, most of it
+moving 1600x1600x3 arrays around. `preshrink` produces (nearly) the same pixel_values in a fraction of the time:
+
+1. a JPEG that is not yet decoded is decoded at a DCT-scaled size (`Image.draft`, 1/2, 1/4 or 1/8) that still
+   leaves at least twice the target resolution; other formats decode as they are;
+2. RGB conversion exactly as the processor does it (transparency composited onto white);
+3. a box-filter `Image.reduce` by an integer factor, again keeping at least twice the target resolution
+   (PIL's own `reducing_gap` idea: a box pre-reduction at >= 2x is visually indistinguishable from the direct
+   bicubic);
+4. pad to a square with the processor's mean colour (the same integer colour it computes), in PIL;
+5. the final bicubic resize to the processor's output size, with the processor's resampling filter, so that the
+   processor's own pad and resize become no-ops (PIL returns a copy for a same-size resize) and only its
+   crop/rescale/normalize run.
+
+The processor still runs on the result, so a change in the saved processor (mean, std, crop) is honoured; only
+the geometry is done here. Images smaller than twice the target skip steps 1, 3 and 5 (the processor does the
+resize itself), so small images get bit-identical pixel values. Pixel differences to the unshrunk path on big
+images: mean ~0.15/255, max ~10/255 at sharp edges (~25/255 with JPEG draft); `python -m bench.preprocess`
+measures both the time and the difference, tests/test_preshrink.py bounds them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Keep at least this many source pixels per output pixel before the final bicubic (PIL's reducing_gap).
+REDUCING_GAP = 2
+
+
+def target_size(image_processor: Any) -> tuple[int, int] | None:
+    """(height, width) the processor resizes a *square* image to, or None when its size rule is not one we mirror."""
+    size = image_processor.size
+    get = size.get if isinstance(size, dict) else (lambda k: getattr(size, k, None))
+    if get("shortest_edge") and not get("longest_edge"):
+        side = int(get("shortest_edge"))
+        return side, side
+    if get("height") and get("width") and not get("shortest_edge"):
+        return int(get("height")), int(get("width"))
+    return None
+
+
+def pad_colour(image_processor: Any) -> tuple[int, int, int]:
+    """The processor's pad colour: int(mean * 255) per channel (truncation, exactly as LlavaImageProcessorPil)."""
+    mean = image_processor.image_mean
+    if not mean:
+        return (0, 0, 0)
+    if isinstance(mean, (int, float)):
+        mean = [mean] * 3
+    return tuple(int(x * 255) for x in mean)  # type: ignore[return-value]
+
+
+def preshrink(image: Any, image_processor: Any) -> Any:
+    """A PIL image to hand to `image_processor` instead of `image`; pixel_values stay within a few levels.
+
+    `image` may be a freshly opened, not yet loaded PIL image (then JPEGs decode at a reduced scale) or a loaded
+    one. Returns `image` itself (converted to RGB) when the processor's settings are not ones this mirrors.
+    """
+    target = target_size(image_processor)
+    do_pad = bool(getattr(image_processor, "do_pad", False))
+    if target is None or not getattr(image_processor, "do_resize", True):
+        return _to_rgb(image)
+    need = REDUCING_GAP * max(target)  # source pixels wanted along the side that maps onto the target
+    _draft(image, need, do_pad)
+    image = _to_rgb(image)
+    if not do_pad:
+        # Crop mode: the processor's shortest-edge resize and centre crop do the rest; reduce only by a factor
+        # that divides both sides, so its output-size arithmetic sees exactly the same aspect ratio.
+        factor = _exact_factor(image.size, min(image.size) // need, offset=0)
+        return image.reduce(factor) if factor >= 2 else image
+    # Pad at full resolution (cheap in PIL) so the image/background edge lands exactly where the processor's
+    # would: reducing first and padding after shifts that edge by a fraction of a pixel, which is tens of levels
+    # on a high-contrast border.
+    image = _pad_square(image, pad_colour(image_processor))
+    side = image.size[0]
+    factor = side // need
+    if factor < 2:
+        return image  # the processor resizes it; bit-identical to the reference
+    reduced = image.reduce(factor)
+    height, width = target
+    # reduce() rounds the size up (the last box is partial): map exactly side/factor source pixels.
+    return reduced.resize((width, height), resample=int(image_processor.resample),
+                          box=(0, 0, side / factor, side / factor))
+
+
+def _exact_factor(size: tuple[int, int], limit: int, offset: int) -> int:
+    """The largest power of two <= min(limit, 8) dividing both sides and the pad offset (1 if none)."""
+    for factor in (8, 4, 2):
+        if factor <= limit and size[0] % factor == 0 and size[1] % factor == 0 and offset % factor == 0:
+            return factor
+    return 1
+
+
+def _draft(image: Any, need: int, do_pad: bool) -> None:
+    """Ask the JPEG decoder for a 1/2, 1/4 or 1/8 scale decode that still leaves `need` pixels on the side.
+
+    Only scales that divide both sides and the pad offset are used: then the scaled image covers exactly
+    1/scale of the original and the padding lands where it would at full size.
+    """
+    if getattr(image, "format", None) != "JPEG" or not hasattr(image, "draft"):
+        return
+    w, h = image.size
+    side = max(w, h) if do_pad else min(w, h)
+    scale = _exact_factor((w, h), side // need, offset=_pad_offset((w, h)) if do_pad else 0)
+    if scale >= 2:
+        # draft picks the largest power-of-two scale s with w // s >= requested w and h // s >= requested h.
+        image.draft(None, (w // scale, h // scale))
+
+
+def _to_rgb(image: Any) -> Any:
+    """RGB exactly as transformers' convert_to_rgb: any transparency is composited onto white."""
+    from PIL import Image
+
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _pad_offset(size: tuple[int, int]) -> int:
+    w, h = size
+    return (max(w, h) - min(w, h)) // 2
+
+
+def _pad_square(image: Any, colour: tuple[int, int, int]) -> Any:
+    """Centre `image` on a square of its long side filled with `colour` (LlavaImageProcessorPil.pad_to_square)."""
+    from PIL import Image
+
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    offset = _pad_offset((w, h))
+    canvas = Image.new("RGB", (side, side), colour)
+    canvas.paste(image, (0, offset) if w > h else (offset, 0))
+    return canvas
