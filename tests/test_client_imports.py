@@ -1,0 +1,74 @@
+"""The client is light: importing it, and running every AWS-side `llava-sm` command, loads no torch, transformers,
+PIL or numpy (checked in fresh interpreters, since this test process has them loaded already)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = ("torch", "transformers", "PIL", "numpy", "safetensors", "peft", "deepspeed")
+ROLE = "arn:aws:iam::123456789012:role/SageMakerRole"
+IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/llava:1"
+
+RUN_COMMANDS = """
+import contextlib, io, json, sys
+from client.cli import main
+for argv in json.loads(sys.argv[1]):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            rc = main(argv)
+        except SystemExit as e:  # --help
+            rc = e.code
+    print(json.dumps({"argv": argv[:1], "rc": rc, "out": out.getvalue()[-300:]}))
+print(json.dumps({"heavy": sorted(m for m in %r if m in sys.modules)}))
+""" % (HEAVY,)
+
+
+def _run(code: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_import_client_is_light():
+    proc = _run(f"import sys; from client import predict, predict_full, ClientError; "
+                f"print([m for m in {HEAVY + ('boto3',)!r} if m in sys.modules])")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"  # boto3 too: it is imported on the first endpoint call
+
+
+def test_every_aws_command_runs_without_heavy_imports(moto_server, tiny_artifact, tmp_path):
+    boto_s3 = __import__("boto3").client("s3", endpoint_url=moto_server)
+    boto_s3.create_bucket(Bucket="imports-test")
+    aws = ["--endpoint-url", moto_server]
+    commands = [
+        ["--help"],
+        ["train", "--dry-run", "--image-uri", IMAGE, "--role", ROLE, "--train", "s3://imports-test/d/",
+         "--output-path", "s3://imports-test/o/"],
+        ["train", *aws, "--image-uri", IMAGE, "--role", ROLE, "--train", "s3://imports-test/d/",
+         "--output-path", "s3://imports-test/o/", "--wait", "--poll", "0.01"],
+        ["package", *aws, "--model-dir", tiny_artifact, "--s3-uri", "s3://imports-test/m/"],
+        ["deploy", *aws, "--image-uri", IMAGE, "--role", ROLE, "--model-data", "s3://imports-test/m/model.tar.gz",
+         "--endpoint-name", "imports-test", "--instance-type", "ml.m5.large", "--poll", "0.01"],
+        ["predict", str(tmp_path / "absent.png"), "What?", "--url", "http://127.0.0.1:9", "--retries", "0"],
+        ["delete", *aws, "--endpoint-name", "imports-test"],
+    ]
+    proc = _run(RUN_COMMANDS, json.dumps(commands))
+    assert proc.returncode == 0, proc.stderr
+    *runs, last = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["rc"] for r in runs] == [0, 0, 0, 0, 0, 1, 0], runs  # predict: the image file does not exist
+    assert "neither an existing file nor" in runs[5]["out"]
+    assert last["heavy"] == []
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("llava-sm") or shutil.which("llava-sm", path=str(__import__("pathlib").Path(sys.executable).parent))
+    if exe is None:
+        pytest.fail("the llava-sm console script is not installed (pip install -e .)")
+    proc = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    for command in ("train", "package", "deploy", "predict", "delete"):
+        assert command in proc.stdout
