@@ -1,0 +1,213 @@
+"""TrainConfig resolution (precedence, unknown keys, types, SageMaker defaults, blog flags), SageMaker files,
+launch plans, checkpoint selection and the shipped DeepSpeed configs. Fast: no model is loaded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from train.checkpoints import find_resume_checkpoint
+from train.config import ConfigError, deepspeed_dir, deepspeed_stage, resolve_config
+from train.launch import ensure_rendezvous_env, torchrun_command
+from train.logs import METRIC_DEFINITIONS
+from train.sagemaker_env import ResourceConfig, SageMakerConfigError, SageMakerPaths
+
+BLOG_FLAGS = """--deepspeed ./scripts/zero2.json --lora_enable True --lora_r 128 --lora_alpha 256 --mm_projector_lr 2e-5
+--bits 4 --model_name_or_path {base} --version llava_llama_2 --data_path {data} --validation_data_path {data}
+--image_folder {images} --vision_tower openai/clip-vit-large-patch14-336 --mm_projector_type mlp2x_gelu
+--mm_vision_select_layer -2 --mm_use_im_start_end False --mm_use_im_patch_token False --image_aspect_ratio pad
+--group_by_modality_length True --bf16 True --output_dir {out} --num_train_epochs 500
+--per_device_train_batch_size 32 --per_device_eval_batch_size 32 --gradient_accumulation_steps 1
+--evaluation_strategy epoch --save_strategy steps --save_steps 50000 --save_total_limit 1 --learning_rate 2e-4
+--weight_decay 0. --warmup_ratio 0.03 --lr_scheduler_type cosine --logging_steps 1 --tf32 True
+--model_max_length 2048 --gradient_checkpointing True --dataloader_num_workers 4 --lazy_preprocess True
+--report_to wandb"""
+
+
+@pytest.fixture
+def files(tmp_path):
+    """A data file, an image folder and a base dir: config validation checks that they exist."""
+    data = tmp_path / "data.json"
+    data.write_text("[]")
+    (tmp_path / "images").mkdir()
+    (tmp_path / "base").mkdir()
+    return {"data": str(data), "images": str(tmp_path / "images"), "base": str(tmp_path / "base"),
+            "out": str(tmp_path / "out")}
+
+
+@pytest.fixture
+def no_sagemaker(tmp_path):
+    return SageMakerPaths(tmp_path / "no-sagemaker")
+
+
+def required(files) -> list[str]:
+    return ["--model_name_or_path", files["base"], "--data_path", files["data"], "--output_dir", files["out"]]
+
+
+def write_hyperparameters(base: Path, values: dict[str, str]) -> SageMakerPaths:
+    paths = SageMakerPaths(base)
+    paths.config_dir.mkdir(parents=True, exist_ok=True)
+    paths.hyperparameters_file.write_text(json.dumps(values))
+    return paths
+
+
+def test_precedence_defaults_yaml_hyperparameters_cli(tmp_path, files):
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("learning_rate: 1.0e-3\nlora_r: 8\nlora_alpha: 32\nnum_train_epochs: 2\n")
+    paths = write_hyperparameters(tmp_path / "ml", {"lora_r": "16", "lora_alpha": "64", "data_path": json.dumps(
+        files["data"]), "model_name_or_path": files["base"]})
+    resolved = resolve_config(["--config", str(yaml_file), "--lora_alpha", "128"], paths)
+    cfg = resolved.config
+    assert cfg.warmup_ratio == 0.03  # default
+    assert cfg.learning_rate == 1e-3 and cfg.num_train_epochs == 2.0  # yaml
+    assert cfg.lora_r == 16  # hyperparameters.json beats yaml
+    assert cfg.lora_alpha == 128  # command line beats both
+    assert resolved.sources["learning_rate"].startswith("config file")
+    assert resolved.sources["lora_r"] == "hyperparameters.json"
+    assert resolved.sources["lora_alpha"] == "command line"
+
+
+def test_unknown_keys_from_every_source_are_named_at_once(tmp_path, files):
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("lora_rank: 8\n")
+    paths = write_hyperparameters(tmp_path / "ml", {"epochs": "3", "sagemaker_program": "x"})
+    with pytest.raises(ConfigError) as err:
+        resolve_config(["--config", str(yaml_file), "--lr", "1e-3", *required(files)], paths)
+    problems = "\n".join(err.value.problems)
+    assert "'--lr'" in problems and "'lora_rank' in config file" in problems
+    assert "'epochs' in hyperparameters.json" in problems
+    assert "sagemaker_program" not in problems  # keys the SageMaker SDK adds are not the user's
+
+
+def test_types_and_booleans(no_sagemaker, files):
+    cfg = resolve_config([*required(files), "--lora_enable", "--bf16", "false", "--bits", "4",
+                          "--mm_projector_lr", "none", "--num_train_epochs", "3"], no_sagemaker).config
+    assert cfg.lora_enable is True and cfg.bf16 is False and cfg.bits == 4 and cfg.mm_projector_lr is None
+    with pytest.raises(ConfigError) as err:
+        resolve_config([*required(files), "--lora_r", "eight", "--bf16", "maybe", "--bits", "3"], no_sagemaker)
+    problems = "\n".join(err.value.problems)
+    assert "lora_r (from command line): expected an integer, got 'eight'" in problems
+    assert "bf16 (from command line): expected true or false" in problems
+    assert "bits must be 4, 8 or 16" in problems
+
+
+def test_blog_command_line_is_accepted_with_notes_and_refusals(files, no_sagemaker):
+    argv = BLOG_FLAGS.format(**files).split()
+    resolved = resolve_config(argv, no_sagemaker)
+    cfg = resolved.config
+    assert cfg.bits == 4 and cfg.lora_r == 128 and cfg.mm_projector_lr == 2e-5 and cfg.evaluation_strategy == "epoch"
+    assert cfg.deepspeed == str(deepspeed_dir() / "zero2.json")
+    notes = "\n".join(resolved.notes)
+    assert "./scripts/zero2.json does not exist; using the shipped" in notes
+    assert "--lazy_preprocess has no effect" in notes
+    with pytest.raises(ConfigError) as err:
+        resolve_config([*argv, "--deepspeed", "zero3", "--mm_use_im_start_end", "True"], no_sagemaker)
+    problems = "\n".join(err.value.problems)
+    assert "--bits 4 with ZeRO-3 is refused" in problems
+    assert "--mm_use_im_start_end True is not supported" in problems
+
+
+def test_config_problems_are_reported_together(no_sagemaker, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        resolve_config(["--bits", "8", "--evaluation_strategy", "steps", "--image_aspect_ratio", "anyres",
+                        "--data_path", str(tmp_path / "missing.json"), "--version", "v9"], no_sagemaker)
+    problems = "\n".join(err.value.problems)
+    for expected in ("model_name_or_path is required", "output_dir is required", "missing.json is not a file",
+                     "--bits 8 needs --lora_enable True", "needs --validation_data_path",
+                     "image_aspect_ratio must be pad or crop", "version 'v9' is unknown"):
+        assert expected in problems
+
+
+def test_fake_sagemaker_tree_with_string_hyperparameters(tmp_path, tiny_artifact):
+    base = tmp_path / "ml"
+    paths = write_hyperparameters(base, {"lora_enable": "true", "lora_r": "8", "learning_rate": "2e-4",
+                                         "max_steps": "10", "output_dir": "/somewhere/else"})
+    for channel, name in (("train", "train.jsonl"), ("validation", "val.json")):
+        (base / "input" / "data" / channel).mkdir(parents=True)
+        (base / "input" / "data" / channel / name).write_text("[]")
+    (base / "input" / "data" / "model").symlink_to(tiny_artifact)
+    resolved = resolve_config([], paths)
+    cfg = resolved.config
+    assert cfg.lora_enable is True and cfg.lora_r == 8 and cfg.learning_rate == 2e-4 and cfg.max_steps == 10
+    assert cfg.data_path == str(base / "input" / "data" / "train" / "train.jsonl")
+    assert cfg.validation_data_path == str(base / "input" / "data" / "validation" / "val.json")
+    assert cfg.model_name_or_path == str(base / "input" / "data" / "model")
+    assert cfg.output_dir == str(base / "model") and cfg.checkpoint_dir == str(base / "checkpoints")
+    assert any("/somewhere/else is not used in a SageMaker job" in n for n in resolved.notes)
+    assert resolved.sources["data_path"] == "SageMaker channel 'train'"
+
+
+def test_outside_sagemaker_checkpoints_go_to_output_dir(no_sagemaker, files):
+    cfg = resolve_config(required(files), no_sagemaker).config
+    assert cfg.checkpoint_dir == files["out"] and cfg.image_folder == str(Path(files["data"]).parent)
+
+
+def test_malformed_sagemaker_files_are_user_errors(tmp_path):
+    paths = SageMakerPaths(tmp_path)
+    paths.config_dir.mkdir(parents=True)
+    paths.hyperparameters_file.write_text("{not json")
+    with pytest.raises(SageMakerConfigError, match="cannot read"):
+        paths.read_hyperparameters()
+    paths.resource_config_file.write_text(json.dumps({"current_host": "algo-3", "hosts": ["algo-1"]}))
+    with pytest.raises(SageMakerConfigError, match="not among hosts"):
+        paths.read_resource_config()
+
+
+def test_failure_file_is_one_paragraph_within_the_limit(tmp_path):
+    path = SageMakerPaths(tmp_path).write_failure("first line\nsecond " + "x" * 2000)
+    text = path.read_text()
+    assert "\n" not in text and len(text) == 1024 and text.startswith("first line second")
+
+
+def test_torchrun_plans():
+    two_hosts = ResourceConfig("algo-2", ["algo-1", "algo-2"], "eth1")
+    cmd = torchrun_command(["--lora_enable", "True"], gpus=4, resource=two_hosts, env={})
+    assert "--nnodes=2" in cmd and "--nproc_per_node=4" in cmd and "--node_rank=1" in cmd
+    assert "--master_addr=algo-1" in cmd and cmd[-4:] == ["-m", "train", "--lora_enable", "True"]
+    one_host = torchrun_command([], gpus=8, resource=ResourceConfig("algo-1", ["algo-1"]), env={})
+    assert "--standalone" in one_host and "--nproc_per_node=8" in one_host
+    assert torchrun_command([], gpus=1, resource=None, env={}) is None
+    assert torchrun_command([], gpus=8, resource=None, env={"LOCAL_RANK": "0"}) is None  # already launched
+    env: dict[str, str] = {}
+    ensure_rendezvous_env(env)
+    assert env["RANK"] == "0" and env["WORLD_SIZE"] == "1" and int(env["MASTER_PORT"]) > 0
+
+
+def test_shipped_deepspeed_configs():
+    stages = {p.stem: deepspeed_stage(str(p)) for p in deepspeed_dir().glob("*.json")}
+    assert stages == {"zero2": 2, "zero3": 3, "zero3_offload": 3}
+    offload = json.loads((deepspeed_dir() / "zero3_offload.json").read_text())["zero_optimization"]
+    assert offload["offload_optimizer"]["device"] == "cpu" and offload["offload_param"]["device"] == "cpu"
+    zero3 = json.loads((deepspeed_dir() / "zero3.json").read_text())["zero_optimization"]
+    assert zero3["stage3_gather_16bit_weights_on_model_save"] is True  # else the final save has no weights
+
+
+def test_resume_picks_newest_complete_checkpoint(tmp_path):
+    def checkpoint(step: int, *, state=True, weights=True, ds_missing=False):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        if state:
+            (d / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        if weights:
+            (d / "adapter_model.safetensors").write_bytes(b"x")
+        if ds_missing:
+            (d / "latest").write_text(f"global_step{step}")
+
+    checkpoint(2)
+    checkpoint(10)
+    checkpoint(12, weights=False)  # killed while saving
+    checkpoint(14, state=False)
+    checkpoint(16, ds_missing=True)  # DeepSpeed engine state not synced
+    (tmp_path / "checkpoint-x").mkdir()
+    assert find_resume_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
+    assert find_resume_checkpoint(tmp_path / "absent") is None
+
+
+def test_metric_definitions_fit_sagemaker_limits():
+    assert len(METRIC_DEFINITIONS) <= 40
+    assert all(len(d["Regex"]) <= 500 and len(d["Name"]) <= 255 for d in METRIC_DEFINITIONS)
+    names = {d["Name"] for d in METRIC_DEFINITIONS}
+    assert {"loss", "learning_rate", "epoch", "grad_norm", "train_runtime", "train_samples_per_second",
+            "train_steps_per_second", "train_loss", "eval_loss", "eval_accuracy"} <= names
