@@ -9,7 +9,8 @@ from data_helpers import write_tiny_dataset
 
 from train.artifact import configure_processor
 from train.data import Example, load_examples, load_image
-from train.labels import (IGNORE_INDEX, ExampleDataset, LlavaCollator, encode_example, image_token_count)
+from train.labels import (IGNORE_INDEX, ExampleDataset, LlavaCollator, RenderedSize, encode_example,
+                          image_token_count)
 from train.templates import V1_SYSTEM
 
 TWO_TURNS = [
@@ -167,6 +168,20 @@ def test_truncation_cuts_from_the_end_and_never_through_the_image(processor, ima
 def tiny_examples(tmp_path_factory):
     data_path, image_folder = write_tiny_dataset(tmp_path_factory.mktemp("data"), n=8)
     return load_examples(data_path, image_folder), image_folder
+
+
+@pytest.mark.parametrize("version", ["v1", "llava_llama_2", "plain"])
+def test_rendered_size_without_rendering_matches_the_template(processor, version):
+    configured = configure_processor(copy.deepcopy(processor), version=version)
+    size = RenderedSize(configured)
+    conversations = [TWO_TURNS, TWO_TURNS[:2], [{"role": "user", "content": "Caf\u00e9 \u2603?"},
+                                                {"role": "assistant", "content": "Oui \u00e9t\u00e9."}],
+                     [{"role": "system", "content": "Be brief."}, *TWO_TURNS[:2]]]
+    for messages in conversations * 2:  # the second round hits the per-shape cache
+        rendered = len(configured.apply_chat_template(messages, tokenize=False).encode())
+        # exact, except that `plain` drops system messages: then it is an upper bound, still safe for max_length
+        assert size(messages) == rendered or (version == "plain" and messages[0]["role"] == "system"
+                                              and size(messages) > rendered)
 
 
 def test_dataset_precheck_agrees_with_encoding_at_every_length(processor, tiny_examples):

@@ -178,23 +178,28 @@ class LlavaCollator:
 class ExampleDataset:
     """A torch-style map dataset of Examples (the collator encodes them), without the ones that cannot fit.
 
-    `.lengths` are cheap token estimates (image tokens + characters / 4) for length grouping and
+    `.lengths` are cheap token estimates (image tokens + rendered bytes / 4) for length grouping and
     `.modality_lengths` the same, negative for text-only rows, as LLaVA's LengthGroupedSampler expects;
     `.truncated` / `.dropped` count the examples that will be cut / were left out.
     """
 
     def __init__(self, examples: list[Example], processor: Any, *, max_length: int | None):
         self.image_tokens = image_token_count(processor)
+        sizer = RenderedSize(processor)
+        # "<image>" is in the rendered bytes once; the processor turns it into `image_tokens` tokens.
+        image_extra = self.image_tokens - len(processor.image_token.encode())
         kept, lengths, truncated = [], [], 0
         for example in examples:
-            text, spans = render_with_spans(processor, example.messages)
-            fit = _fits(processor, example, text, spans, self.image_tokens, max_length)
+            n_bytes = sizer(example.messages)
+            n_images = int(example.image is not None)
+            fit = False
+            if max_length is not None and n_bytes + n_images * image_extra + SPECIAL_TOKEN_SLACK > max_length:
+                fit = _fit_exactly(processor, example, self.image_tokens, max_length)
             if fit is None:
                 continue
             truncated += fit
             kept.append(example)
-            n_images = text.count(processor.image_token)
-            lengths.append(n_images * self.image_tokens + len(text) // CHARS_PER_TOKEN)
+            lengths.append(n_images * self.image_tokens + n_bytes // CHARS_PER_TOKEN)
         self.examples, self.lengths = kept, lengths
         self.modality_lengths = [n if e.image is not None else -n for e, n in zip(kept, lengths)]
         self.truncated, self.dropped = truncated, len(examples) - len(kept)
@@ -209,19 +214,44 @@ class ExampleDataset:
         return self.examples[index]
 
 
-def _fits(processor: Any, example: Example, text: str, spans: list[tuple[int, int]], image_tokens: int,
-          max_length: int | None) -> bool | None:
-    """False if the example fits, True if it will be truncated, None if it must be dropped; tokenises only
-    examples whose cheap upper bound exceeds max_length, and without images (the expansion is added here)."""
-    if max_length is None:
-        return False
-    n_images = text.count(processor.image_token)
-    extra = n_images * (image_tokens - len(processor.image_token.encode()))
-    if len(text.encode()) + extra + SPECIAL_TOKEN_SLACK <= max_length:
-        return False
+class RenderedSize:
+    """UTF-8 size of a conversation as the chat template renders it, without rendering each one: the template's
+    own text is measured once per conversation shape (roles, image or not) and the message texts are added, as the
+    templates insert them verbatim (an upper bound if a template drops or trims text). Rendering every row of a
+    600k-row dataset would take minutes; this takes seconds."""
+
+    def __init__(self, processor: Any):
+        self.processor = processor
+        self.overhead: dict[tuple, int] = {}
+
+    def __call__(self, messages: list[dict]) -> int:
+        shape = tuple((m["role"], _content_types(m["content"])) for m in messages)
+        if shape not in self.overhead:
+            skeleton = [{"role": role, "content": "" if types is None else
+                         [{"type": t, "text": ""} if t == "text" else {"type": t} for t in types]}
+                        for role, types in shape]
+            self.overhead[shape] = len(self.processor.apply_chat_template(skeleton, tokenize=False).encode())
+        return self.overhead[shape] + sum(len(text.encode()) for text in _texts(messages))
+
+
+def _content_types(content: Any) -> tuple[str, ...] | None:
+    return None if isinstance(content, str) else tuple(item["type"] for item in content)
+
+
+def _texts(messages: list[dict]):
+    for m in messages:
+        if isinstance(m["content"], str):
+            yield m["content"]
+        else:
+            yield from (item["text"] for item in m["content"] if item["type"] == "text")
+
+
+def _fit_exactly(processor: Any, example: Example, image_tokens: int, max_length: int) -> bool | None:
+    """`fit_to_length`'s verdict (False fits, True truncated, None dropped) from the tokenizer alone: no image is
+    loaded, the image expansion is spliced into the token lists instead."""
+    text, spans = render_with_spans(processor, example.messages)
     enc = processor.tokenizer(text, return_offsets_mapping=True)
     labels = label_tokens(enc["input_ids"], enc["offset_mapping"], spans)
-    # Splice the image expansion in the token lists: each image token stands for `image_tokens` of them.
     input_ids, expanded_labels = [], []
     for token, label in zip(enc["input_ids"], labels):
         repeat = image_tokens if token == processor.image_token_id else 1
