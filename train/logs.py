@@ -74,8 +74,11 @@ def parse_metrics(text: str) -> dict[str, list[float]]:
 
 
 def setup_logging(rank: int = 0, level: int = logging.INFO) -> None:
-    """Plain timestamped lines on stdout (SageMaker ships stdout to CloudWatch); other ranks only warn."""
+    """Plain timestamped lines on stdout (SageMaker ships stdout to CloudWatch); other ranks only warn.
+
+    Leaves an already configured root logger alone (an embedding program's or pytest's).
+    """
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     if rank:
         fmt = f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s"
-    logging.basicConfig(level=level if rank == 0 else logging.WARNING, format=fmt, stream=sys.stdout, force=True)
+    logging.basicConfig(level=level if rank == 0 else logging.WARNING, format=fmt, stream=sys.stdout)
