@@ -1,0 +1,330 @@
+"""Decode speed-ups for the served model on CUDA: static KV cache + torch.compile in shape buckets, sdpa, bf16.
+
+    accel = Accelerator(loaded.model, AccelConfig.from_env(), device=loaded.device)   # once, after the load
+    out = accel.generate(model, batch, generation_config=gen, logits_processor=lp, stopping_criteria=sc)
+
+Eager HF decoding with bitsandbytes NF4 spends most of each token in Python and kernel launches (~30 tok/s on an
+H100 at batch 1, far below what the memory bandwidth allows; ../shared/notes/performance-anchors.md). What this
+does about it, all on the 4-bit path:
+- a static KV cache, so every decode step has the same shapes and `generate` compiles the step with
+  `torch.compile(mode="reduce-overhead")` (CUDA graphs). transformers refuses to auto-compile bitsandbytes models
+  (its 4-bit quantizer says "not compileable"), but bitsandbytes >= 0.46 compiles (fullgraph since PR #1616) and
+  0.50 dispatches inference to fused dequant+GEMM kernels through a torch custom op, so the check is lifted for
+  this model instance only;
+- shape buckets: the batch is padded to the next bucket size (dummy copies of the last row, marked finished from
+  the first step and dropped from the output) and the cache length is rounded up to a multiple of
+  `cache_bucket`, so a handful of compiled graphs serve every request; caches are kept per (batch, length)
+  bucket and reset, not reallocated, so CUDA graphs replay on the same addresses (LRU-evicted over a memory cap);
+- sdpa attention (switched to if the model was loaded with eager attention); bf16 compute is the loader's job
+  (serve.model.nf4_config) and is reported here.
+
+Environment (read once by `AccelConfig.from_env`, every problem reported at once):
+    SERVE_ACCEL             auto (default: on with CUDA, off on CPU) | on | off (plain eager `generate`: the
+                            fallback if a compiled path misbehaves on some driver/torch combination)
+    SERVE_ACCEL_BATCH_BUCKETS  comma-separated batch sizes (default 1,2,4,8,16,32); bigger batches run unpadded
+    SERVE_ACCEL_CACHE_BUCKET   KV-cache length granularity in tokens (default 256)
+    SERVE_ACCEL_CACHE_GIB      memory kept in pooled KV caches (default: 30% of the GPU's memory)
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "on", "off")
+DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
+DYNAMO_RECOMPILE_LIMIT = 64  # one compiled decode step per (batch, cache length) bucket; torch's default is 8
+
+
+@dataclass(frozen=True)
+class AccelConfig:
+    mode: str = "auto"
+    batch_buckets: tuple[int, ...] = DEFAULT_BATCH_BUCKETS
+    cache_bucket: int = 256
+    cache_gib: float | None = None  # None: 30% of the device's memory
+    compile_mode: str | None = "reduce-overhead"  # None with the "eager" backend (it takes no mode)
+    compile_backend: str = "inductor"  # tests use "eager" to exercise the compiled path on CPU quickly
+    compile_on_cpu: bool = False  # transformers only compiles on accelerators unless told otherwise
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> AccelConfig:
+        from serve.config import ConfigError
+
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        problems: list[str] = []
+
+        def read(var: str, field: str, parse) -> None:
+            raw = env.get(var, "").strip()
+            if raw:
+                try:
+                    values[field] = parse(raw)
+                except ValueError as e:
+                    problems.append(f"{var}={raw!r}: {e}")
+
+        read("SERVE_ACCEL", "mode", _mode)
+        read("SERVE_ACCEL_BATCH_BUCKETS", "batch_buckets", _buckets)
+        read("SERVE_ACCEL_CACHE_BUCKET", "cache_bucket", _positive_int)
+        read("SERVE_ACCEL_CACHE_GIB", "cache_gib", _positive_float)
+        if problems:
+            raise ConfigError(problems)
+        return cls(**values)
+
+    def enabled_for(self, device: str) -> bool:
+        return self.mode == "on" or (self.mode == "auto" and str(device).startswith("cuda"))
+
+
+def _mode(raw: str) -> str:
+    value = raw.lower()
+    if value in ("1", "true"):
+        return "on"
+    if value in ("0", "false"):
+        return "off"
+    if value not in MODES:
+        raise ValueError(f"must be one of {', '.join(MODES)}")
+    return value
+
+
+def _positive_int(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError("not an integer") from None
+    if value < 1:
+        raise ValueError("must be >= 1")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise ValueError("must be a finite number > 0")
+    return value
+
+
+def _buckets(raw: str) -> tuple[int, ...]:
+    sizes = sorted({_positive_int(part.strip()) for part in raw.split(",") if part.strip()})
+    if not sizes:
+        raise ValueError("needs at least one batch size")
+    return tuple(sizes)
+
+
+def bucket_batch(n: int, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket >= n; n itself when it is over the largest bucket."""
+    return next((b for b in buckets if b >= n), n)
+
+
+def bucket_length(n: int, granularity: int) -> int:
+    return -(-n // granularity) * granularity
+
+
+class Accelerator:
+    """Owns the compiled decode path of one model. Not thread-safe (the batcher's single thread calls it)."""
+
+    def __init__(self, model: Any, config: AccelConfig | None = None, *, device: str | None = None):
+        self.config = config or AccelConfig()
+        self.device = str(device or getattr(model, "device", "cpu"))
+        self.enabled = self.config.enabled_for(self.device)
+        self._caches: OrderedDict[tuple[int, int], Any] = OrderedDict()
+        self._cache_budget = 0
+        if self.enabled:
+            self._prepare(model)
+        log.info("decode acceleration: %s", self.describe(model))
+
+    # ------------------------------------------------------------------ set-up
+    def _prepare(self, model: Any) -> None:
+        import torch
+
+        if getattr(model.config, "_attn_implementation", None) == "eager":
+            try:
+                model.set_attn_implementation("sdpa")
+            except (ValueError, ImportError) as e:  # a model without sdpa support keeps eager attention
+                log.warning("could not switch attention to sdpa: %s", e)
+        dynamo = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(dynamo, name):
+                setattr(dynamo, name, max(getattr(dynamo, name), DYNAMO_RECOMPILE_LIMIT))
+        if getattr(model, "hf_quantizer", None) is not None:
+            _allow_compile(model, self.config.compile_on_cpu)
+        self._cache_budget = self._budget_bytes()
+
+    def _budget_bytes(self) -> int:
+        import torch
+
+        if self.config.cache_gib is not None:
+            return int(self.config.cache_gib * 2**30)
+        if self.device.startswith("cuda") and torch.cuda.is_available():
+            return int(0.3 * torch.cuda.get_device_properties(torch.device(self.device)).total_memory)
+        return 2**30
+
+    def describe(self, model: Any) -> str:
+        """One line: what is on (for the start-up log and the GPU benchmark's report)."""
+        parts = [f"{'on' if self.enabled else 'off (eager generate)'}",
+                 f"attention={getattr(model.config, '_attn_implementation', '?')}",
+                 f"dtype={getattr(model, 'dtype', '?')}"]
+        compute = _bnb_compute_dtype(model)
+        if compute is not None:
+            parts.append(f"nf4_compute={compute}")
+            parts.append(f"bitsandbytes={_bnb_version()}")
+        if self.enabled:
+            parts.append(f"static_cache buckets batch={','.join(map(str, self.config.batch_buckets))} "
+                         f"length=x{self.config.cache_bucket}, compile={self.config.compile_mode}/"
+                         f"{self.config.compile_backend}")
+        return " ".join(parts)
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, model: Any, batch: Mapping[str, Any], *, generation_config: Any,
+                 logits_processor: Any = None, stopping_criteria: Any = None) -> Any:
+        """`model.generate(**batch, ...)`; with acceleration on: padded to a bucket, on a pooled static cache."""
+        if not self.enabled:
+            return model.generate(**batch, generation_config=generation_config, logits_processor=logits_processor,
+                                  stopping_criteria=stopping_criteria)
+        from transformers import CompileConfig, LogitsProcessorList, StoppingCriteriaList
+
+        n, width = batch["input_ids"].shape
+        size = bucket_batch(n, self.config.batch_buckets) if _paddable(batch, n) else n
+        padded = pad_rows(batch, size)
+        length = bucket_length(width + int(generation_config.max_new_tokens), self.config.cache_bucket)
+        gen = copy.deepcopy(generation_config)
+        gen.cache_implementation = None  # the cache is ours (pooled), not one generate would build
+        gen.disable_compile = False
+        compile_config = CompileConfig(fullgraph=False, dynamic=False, mode=self.config.compile_mode,
+                                       backend=self.config.compile_backend)
+        compile_config._compile_all_devices = self.config.compile_on_cpu or None
+        gen.compile_config = compile_config
+        lp = LogitsProcessorList([_RealRowsLogits(p, n) for p in (logits_processor or [])])
+        sc = StoppingCriteriaList([_RealRowsStop(c, n) for c in (stopping_criteria or [])])
+        out = model.generate(**padded, generation_config=gen, logits_processor=lp, stopping_criteria=sc,
+                             cache=self._cache(model, size, length))
+        return out[:n]
+
+    def _cache(self, model: Any, batch: int, length: int) -> Any:
+        """A reset static cache for (batch, length); reused across calls so compiled graphs keep their inputs."""
+        from transformers import StaticCache
+
+        key = (batch, length)
+        cache = self._caches.pop(key, None)
+        if cache is None:
+            need = _cache_bytes(model, batch, length)
+            while self._caches and sum(_cache_bytes(model, *k) for k in self._caches) + need > self._cache_budget:
+                evicted, _ = self._caches.popitem(last=False)
+                log.info("evicting the KV cache for batch=%d length=%d (memory cap)", *evicted)
+            cache = StaticCache(config=model.config, max_cache_len=length)
+        else:
+            cache.reset()
+        self._caches[key] = cache  # most recently used last
+        return cache
+
+    @property
+    def cached_shapes(self) -> list[tuple[int, int]]:
+        return list(self._caches)
+
+
+def pad_rows(batch: Mapping[str, Any], size: int) -> dict[str, Any]:
+    """Every per-row tensor extended to `size` rows by repeating its last row (dummy rows are never returned)."""
+    import torch
+
+    out = dict(batch)
+    n = batch["input_ids"].shape[0]
+    if size == n:
+        return out
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
+            extra = value[-1:].expand(size - n, *value.shape[1:])
+            out[key] = torch.cat([value, extra], dim=0)
+    return out
+
+
+def _paddable(batch: Mapping[str, Any], n: int) -> bool:
+    # One image per row (or none) is the only layout where "repeat the last row" keeps images and rows aligned.
+    pixels = batch.get("pixel_values")
+    return pixels is None or pixels.shape[0] == n
+
+
+class _RealRowsLogits:
+    """Runs a caller's logits processor on the real rows only; dummy rows keep their raw scores."""
+
+    def __init__(self, inner: Any, n: int):
+        self.inner, self.n = inner, n
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        if scores.shape[0] == self.n:
+            return self.inner(input_ids, scores)
+        head = self.inner(input_ids[: self.n], scores[: self.n])
+        return torch.cat([head, scores[self.n:]], dim=0)
+
+
+class _RealRowsStop:
+    """Runs a caller's stopping criterion on the real rows; dummy rows count as finished from the first step."""
+
+    def __init__(self, inner: Any, n: int):
+        self.inner, self.n = inner, n
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        if input_ids.shape[0] == self.n:
+            return self.inner(input_ids, scores, **kwargs)
+        real_scores = scores[: self.n] if isinstance(scores, torch.Tensor) else scores
+        done = torch.as_tensor(self.inner(input_ids[: self.n], real_scores, **kwargs), device=input_ids.device)
+        done = done.reshape(-1).expand(self.n) if done.numel() == 1 else done
+        rest = torch.ones(input_ids.shape[0] - self.n, dtype=torch.bool, device=input_ids.device)
+        return torch.cat([done.to(torch.bool), rest])
+
+
+def _allow_compile(model: Any, on_cpu: bool) -> None:
+    """Let `generate` compile this bitsandbytes model's decode step (transformers' quantizer check says no).
+
+    Only the quantizer exception is lifted: the static-cache, device and offload conditions still apply, as does
+    `generation_config.disable_compile`.
+    """
+    import types
+
+    def criteria(self, model_kwargs, generation_config):
+        if generation_config.disable_compile:
+            return False
+        cache = model_kwargs.get("cache")
+        if cache is None or not getattr(cache, "is_compileable", False):
+            return False
+        if self.device.type == "cpu" and not on_cpu:
+            return False
+        devices = set(getattr(self, "hf_device_map", {}).values())
+        return not ("disk" in devices or ("cpu" in devices and len(devices) > 1))
+
+    model._valid_auto_compile_criteria = types.MethodType(criteria, model)
+
+
+def _cache_bytes(model: Any, batch: int, length: int) -> int:
+    text = model.config.get_text_config(decoder=True)
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    itemsize = 2 if str(getattr(model, "dtype", "")).endswith(("bfloat16", "float16")) else 4
+    return 2 * text.num_hidden_layers * batch * heads * length * head_dim * itemsize
+
+
+def _bnb_compute_dtype(model: Any) -> str | None:
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit":
+            return str(getattr(module, "compute_dtype", None)).replace("torch.", "")
+    return None
+
+
+def _bnb_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("bitsandbytes")
+    except Exception:  # noqa: BLE001 - only for the log line
+        return "?"

@@ -1,0 +1,168 @@
+"""serve.accel: the env switch (eager fallback), buckets, and the compiled static-cache path giving the same tokens.
+
+The compiled path runs on CPU here with torch.compile's "eager" backend (dynamo capture, no codegen) so the test is
+fast; on CUDA the same code uses inductor + CUDA graphs (tests marked gpu).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from serve.accel import AccelConfig, Accelerator, bucket_batch, bucket_length, pad_rows
+from serve.config import ConfigError
+
+CPU_COMPILED = AccelConfig(mode="on", compile_backend="eager", compile_mode=None, compile_on_cpu=True)
+QUESTIONS = ["What is shown?", "What type of chart is this? Answer briefly please", "Title?"]
+
+
+class PerRowStop:
+    """Like serve.predictor's tracker: one flag per row, a row stops after its own token budget."""
+
+    def __init__(self, width: int, budgets: list[int]):
+        self.width, self.budgets = width, budgets
+        self.batch_sizes: list[int] = []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.batch_sizes.append(input_ids.shape[0])
+        steps = input_ids.shape[1] - self.width
+        return torch.tensor([steps >= b for b in self.budgets], dtype=torch.bool)
+
+
+class BanToken:
+    """A per-row logits processor (shape-checked like serve.predictor's per-row sampling)."""
+
+    def __init__(self, rows: int, token: int):
+        self.rows, self.token = rows, token
+
+    def __call__(self, input_ids, scores):
+        assert scores.shape[0] == self.rows
+        scores = scores.clone()
+        scores[:, self.token] = float("-inf")
+        return scores
+
+
+def _batch(loaded, n: int):
+    from bench.samples import chart_image
+
+    p = loaded.processor
+    prompts = [p.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+                                     add_generation_prompt=True, tokenize=False) for q in QUESTIONS[:n]]
+    images = [chart_image(64, 48, seed=i) for i in range(n)]
+    return dict(p(images=images, text=prompts, return_tensors="pt", padding=True))
+
+
+def _gen(loaded, max_new_tokens: int):
+    import copy
+
+    gen = copy.deepcopy(loaded.generation_config)
+    gen.max_new_tokens, gen.do_sample, gen.eos_token_id = max_new_tokens, False, None  # fixed length: compare all
+    return gen
+
+
+@pytest.fixture(scope="module")
+def fp32(tiny_artifact):
+    from serve.model import load_artifact
+
+    return load_artifact(tiny_artifact, quantization="none", device="cpu")
+
+
+def test_env_defaults_and_switch():
+    assert AccelConfig.from_env({}) == AccelConfig()
+    assert AccelConfig().enabled_for("cuda") and not AccelConfig().enabled_for("cpu")
+    off = AccelConfig.from_env({"SERVE_ACCEL": "off"})
+    assert not off.enabled_for("cuda") and not off.enabled_for("cuda:0")
+    assert AccelConfig.from_env({"SERVE_ACCEL": "0"}).mode == "off"
+    assert AccelConfig.from_env({"SERVE_ACCEL": "ON"}).enabled_for("cpu")
+    cfg = AccelConfig.from_env({"SERVE_ACCEL_BATCH_BUCKETS": "8, 1,4", "SERVE_ACCEL_CACHE_BUCKET": "128",
+                                "SERVE_ACCEL_CACHE_GIB": "2.5"})
+    assert cfg.batch_buckets == (1, 4, 8) and cfg.cache_bucket == 128 and cfg.cache_gib == 2.5
+
+
+def test_env_reports_every_problem_at_once():
+    with pytest.raises(ConfigError) as e:
+        AccelConfig.from_env({"SERVE_ACCEL": "fast", "SERVE_ACCEL_BATCH_BUCKETS": "1,x", "SERVE_ACCEL_CACHE_BUCKET": "0",
+                              "SERVE_ACCEL_CACHE_GIB": "inf"})
+    text = "\n".join(e.value.problems)
+    assert len(e.value.problems) == 4
+    for var in ("SERVE_ACCEL=", "SERVE_ACCEL_BATCH_BUCKETS", "SERVE_ACCEL_CACHE_BUCKET", "SERVE_ACCEL_CACHE_GIB"):
+        assert var in text
+
+
+def test_buckets_and_row_padding():
+    assert [bucket_batch(n, (1, 2, 4, 8)) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 9]
+    assert [bucket_length(n, 256) for n in (1, 256, 257)] == [256, 256, 512]
+    batch = {"input_ids": torch.tensor([[1, 2], [3, 4], [5, 6]]), "pixel_values": torch.zeros(3, 3, 2, 2),
+             "flag": True}
+    padded = pad_rows(batch, 4)
+    assert padded["input_ids"].tolist() == [[1, 2], [3, 4], [5, 6], [5, 6]]
+    assert padded["pixel_values"].shape[0] == 4 and padded["flag"] is True
+    assert pad_rows(batch, 3)["input_ids"] is batch["input_ids"]
+
+
+def test_off_is_plain_eager_generate(fp32):
+    model = fp32.model
+    accel = Accelerator(model, AccelConfig.from_env({"SERVE_ACCEL": "off"}), device="cpu")
+    assert not accel.enabled and "_valid_auto_compile_criteria" not in vars(model)
+    batch, gen = _batch(fp32, 2), _gen(fp32, 5)
+    torch._dynamo.utils.counters.clear()
+    out = accel.generate(model, batch, generation_config=gen)
+    assert torch.equal(out, model.generate(**batch, generation_config=gen))
+    assert accel.cached_shapes == [] and not torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def test_compiled_static_cache_path_matches_eager_with_padded_batch(fp32):
+    model, batch, gen = fp32.model, _batch(fp32, 3), _gen(fp32, 6)
+    width = batch["input_ids"].shape[1]
+    eager = model.generate(**batch, generation_config=gen, logits_processor=[BanToken(3, 7)],
+                           stopping_criteria=[PerRowStop(width, [2, 6, 4])])
+    accel = Accelerator(model, CPU_COMPILED, device="cpu")
+    torch._dynamo.utils.counters.clear()
+    stop = PerRowStop(width, [2, 6, 4])
+    out = accel.generate(model, batch, generation_config=gen, logits_processor=[BanToken(3, 7)],
+                         stopping_criteria=[stop])
+    assert torch.equal(out, eager)  # same tokens, dummy 4th row dropped
+    assert set(stop.batch_sizes) == {3}  # the caller's criterion only ever saw its own rows
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the decode step was compiled
+    assert accel.cached_shapes == [(4, 256)]  # 3 rows -> bucket 4; prompt + 6 tokens -> 256
+    cache = accel._caches[(4, 256)]
+    again = accel.generate(model, batch, generation_config=gen, logits_processor=[BanToken(3, 7)],
+                           stopping_criteria=[PerRowStop(width, [2, 6, 4])])
+    assert torch.equal(again, eager) and accel._caches[(4, 256)] is cache  # reset and reused, not reallocated
+
+
+def test_cache_pool_is_bounded(fp32):
+    model = fp32.model
+    one = 2 * 2 * 1 * 2 * 256 * 16 * 4  # layers * k/v * batch * kv heads * length * head dim * fp32 bytes
+    accel = Accelerator(model, AccelConfig(**{**CPU_COMPILED.__dict__, "cache_gib": 1.5 * one / 2**30}),
+                        device="cpu")
+    for n in (1, 2):
+        accel.generate(model, _batch(fp32, n), generation_config=_gen(fp32, 2))
+    assert accel.cached_shapes == [(2, 256)]  # the batch-1 cache was evicted to stay under the cap
+
+
+def test_nf4_model_compiles_and_matches_eager(tiny_artifact):
+    from serve.model import load_artifact
+
+    loaded = load_artifact(tiny_artifact, quantization="nf4", device="cpu")
+    model, batch, gen = loaded.model, _batch(loaded, 1), _gen(loaded, 3)
+    eager = model.generate(**batch, generation_config=gen)
+    accel = Accelerator(model, CPU_COMPILED, device="cpu")
+    assert "nf4_compute=bfloat16" in accel.describe(model)
+    torch._dynamo.utils.counters.clear()
+    assert torch.equal(accel.generate(model, batch, generation_config=gen), eager)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+
+
+@pytest.mark.gpu
+def test_cuda_nf4_inductor_matches_eager(tiny_artifact):
+    from serve.model import load_artifact
+
+    loaded = load_artifact(tiny_artifact, quantization="nf4", device="cuda")
+    model, gen = loaded.model, _gen(loaded, 8)
+    batch = {k: v.to("cuda") for k, v in _batch(loaded, 3).items()}
+    batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+    eager = model.generate(**batch, generation_config=gen)
+    accel = Accelerator(model, AccelConfig(mode="on"), device="cuda")
+    for _ in range(2):  # second call replays the captured graphs
+        assert torch.equal(accel.generate(model, batch, generation_config=gen), eager)
