@@ -1,0 +1,93 @@
+"""ServeConfig from the environment: defaults, every variable parsed, every bad value reported naming its variable;
+`python -m serve` refuses to start on a bad environment (exit 2) and on a model dir it cannot load (exit 1)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from serve.config import ENV_VARS, ConfigError, ServeConfig
+from serve_support import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_follow_the_sagemaker_contract():
+    cfg = ServeConfig.from_env({})
+    assert cfg.model_dir == Path("/opt/ml/model")
+    assert cfg.port == 8080
+    assert cfg.quantization == "auto"
+    assert cfg.max_payload_bytes == 6 * 1024 * 1024
+    assert cfg.request_timeout_s < 60  # SageMaker's invocation limit
+    assert cfg.graceful_timeout_s < 30  # SIGKILL follows SIGTERM after 30 s
+    assert cfg.fetch_allow_networks == ()
+
+
+def test_every_variable_is_read():
+    env = {"SM_MODEL_DIR": "/m", "SERVE_HOST": "127.0.0.1", "SAGEMAKER_BIND_TO_PORT": "9000",
+           "SERVE_QUANTIZATION": "BF16", "SERVE_DEVICE": "cuda:1", "SERVE_MAX_PAYLOAD_BYTES": "2048",
+           "SERVE_MAX_IMAGE_BYTES": "4096", "SERVE_MAX_IMAGE_PIXELS": "1000", "SERVE_MAX_NEW_TOKENS": "64",
+           "SERVE_REQUEST_TIMEOUT_S": "1.5", "SERVE_FETCH_TIMEOUT_S": "2", "SERVE_FETCH_MAX_REDIRECTS": "0",
+           "SERVE_FETCH_ALLOW_NETWORKS": "127.0.0.0/8, 10.1.2.3", "SERVE_MAX_BATCH_SIZE": "4",
+           "SERVE_MAX_WAIT_MS": "0", "SERVE_MAX_QUEUE": "3", "SERVE_MAX_INSTANCES": "2",
+           "SERVE_GRACEFUL_TIMEOUT_S": "7", "SERVE_TORCH_THREADS": "1", "SERVE_LOG_LEVEL": "debug"}
+    assert set(env) == {var for var, _ in ENV_VARS.values()}
+    cfg = ServeConfig.from_env(env)
+    assert (cfg.model_dir, cfg.host, cfg.port, cfg.quantization, cfg.device) == (Path("/m"), "127.0.0.1", 9000,
+                                                                                  "bf16", "cuda:1")
+    assert (cfg.max_payload_bytes, cfg.max_image_bytes, cfg.max_image_pixels, cfg.max_new_tokens) == (2048, 4096,
+                                                                                                       1000, 64)
+    assert (cfg.request_timeout_s, cfg.fetch_timeout_s, cfg.fetch_max_redirects) == (1.5, 2.0, 0)
+    assert cfg.fetch_allow_networks == (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("10.1.2.3/32"))
+    assert (cfg.max_batch_size, cfg.max_wait_ms, cfg.max_queue, cfg.max_instances) == (4, 0.0, 3, 2)
+    assert (cfg.graceful_timeout_s, cfg.torch_threads, cfg.log_level) == (7.0, 1, "DEBUG")
+    assert "fetch_allow_networks=127.0.0.0/8,10.1.2.3/32" in cfg.summary()
+
+
+def test_every_bad_value_is_reported_at_once_naming_its_variable():
+    env = {"SAGEMAKER_BIND_TO_PORT": "80a", "SERVE_QUANTIZATION": "int8", "SERVE_MAX_BATCH_SIZE": "0",
+           "SERVE_REQUEST_TIMEOUT_S": "nan", "SERVE_FETCH_ALLOW_NETWORKS": "10.0.0.0/8,not-a-net",
+           "SERVE_DEVICE": "tpu", "SERVE_LOG_LEVEL": "loud", "SERVE_MAX_WAIT_MS": "-1"}
+    with pytest.raises(ConfigError) as info:
+        ServeConfig.from_env(env)
+    problems = info.value.problems
+    assert len(problems) == len(env)
+    for var in env:
+        assert any(p.startswith(var + "=") for p in problems), var
+    assert "must be one of auto, nf4, bf16, fp16, none" in str(info.value)
+    assert "not-a-net" in str(info.value)
+
+
+def test_sagemaker_batch_transform_payload_limit_is_honoured_unless_ours_is_set():
+    assert ServeConfig.from_env({"SAGEMAKER_MAX_PAYLOAD_IN_MB": "20"}).max_payload_bytes == 20 * 1024 * 1024
+    assert ServeConfig.from_env({"SAGEMAKER_MAX_PAYLOAD_IN_MB": "0"}).max_payload_bytes == 6 * 1024 * 1024
+    both = {"SAGEMAKER_MAX_PAYLOAD_IN_MB": "20", "SERVE_MAX_PAYLOAD_BYTES": "4096"}
+    assert ServeConfig.from_env(both).max_payload_bytes == 4096
+    with pytest.raises(ConfigError, match="SAGEMAKER_MAX_PAYLOAD_IN_MB"):
+        ServeConfig.from_env({"SAGEMAKER_MAX_PAYLOAD_IN_MB": "lots"})
+
+
+def _serve(env_extra: dict[str, str], timeout: float = 90) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SERVE_", "SM_", "SAGEMAKER_"))}
+    env.update(env_extra)
+    return subprocess.run([sys.executable, "-m", "serve"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_python_m_serve_exits_2_naming_the_bad_variable():
+    proc = _serve({"SAGEMAKER_BIND_TO_PORT": "99999", "SERVE_MAX_QUEUE": "many"}, timeout=30)
+    assert proc.returncode == 2
+    assert "SAGEMAKER_BIND_TO_PORT='99999': must be between 1 and 65535" in proc.stderr
+    assert "SERVE_MAX_QUEUE='many': not an integer" in proc.stderr
+
+
+def test_python_m_serve_exits_1_when_the_model_cannot_load(tmp_path):
+    proc = _serve({"SM_MODEL_DIR": str(tmp_path / "missing"), "SAGEMAKER_BIND_TO_PORT": str(free_port()),
+                   "SERVE_HOST": "127.0.0.1"})
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "does not exist" in proc.stderr
