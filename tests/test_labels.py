@@ -246,3 +246,5 @@ def test_collator_pads_to_a_multiple_and_drops_what_cannot_fit(processor, tiny_e
     assert "dropped example 'ex-0'" in caplog.text
     with pytest.raises(ValueError, match="no example of this batch fits max_length=90"):
         short([examples[0]])
+    with pytest.raises(ValueError, match="example 'ex-0' has an image but the collator has no image folder"):
+        LlavaCollator(processor, None, 512)([examples[0]])

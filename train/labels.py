@@ -48,8 +48,10 @@ def render_with_spans(processor: Any, messages: list[dict]) -> tuple[str, list[t
     from transformers.utils.chat_template_utils import render_jinja_template
 
     text = processor.apply_chat_template(messages, tokenize=False)
+    # The same variables apply_chat_template passes (bos_token, eos_token, ...), so both renders agree.
     rendered, spans = render_jinja_template(conversations=[messages], chat_template=processor.chat_template,
-                                            return_assistant_tokens_mask=True)
+                                            return_assistant_tokens_mask=True,
+                                            **processor.tokenizer.special_tokens_map)
     if rendered[0] != text:
         raise RuntimeError("the chat template rendered differently twice; cannot locate the answers")
     n_answers = sum(m["role"] == "assistant" for m in messages)
@@ -148,7 +150,7 @@ class LlavaCollator:
 
         rows = []
         for example in examples:
-            image = load_image(self.image_folder / example.image) if example.image is not None else None
+            image = self._image(example)
             encoded = encode_example(self.processor, example, image, max_length=self.max_length)
             if encoded is None:  # ExampleDataset filters these out up front; this guards other callers
                 self.dropped += 1
@@ -173,6 +175,14 @@ class LlavaCollator:
         if pixel_values:
             batch["pixel_values"] = torch.cat(pixel_values)
         return batch
+
+
+    def _image(self, example: Example) -> Any:
+        if example.image is None:
+            return None
+        if self.image_folder is None:
+            raise ValueError(f"example {example.id!r} has an image but the collator has no image folder")
+        return load_image(self.image_folder / example.image)
 
 
 class ExampleDataset:
