@@ -128,6 +128,7 @@ def test_duplicate_ids_warn_and_keep_the_rows(tmp_path, caplog):
 @pytest.mark.parametrize(("text", "expected"), [
     ('[\n {"id": 1,\n  "conversations": [}\n]', "invalid JSON at line 3 column 21: Expecting value"),
     ("", "the file holds no examples"),
+    ("[]", "the file holds no examples"),
 ])
 def test_malformed_json_array_reports_line_and_column(tmp_path, text, expected):
     (tmp_path / "d.json").write_text(text)

@@ -67,6 +67,8 @@ def load_examples(data_path: str | os.PathLike, image_folder: str | os.PathLike 
     if not path.is_file():
         raise DataError(str(path), [f"data file not found: {path}"])
     records, problems = read_records(path)
+    if not records and not problems:
+        problems.append("the file holds no examples")
     examples: list[Example] = []
     inserted = 0
     for row, record in records:
@@ -113,8 +115,6 @@ def read_records(path: Path) -> tuple[list[tuple[int, Any]], list[str]]:
     if problems and _is_one_object(text):
         return [], ["the file holds one JSON object spread over several lines; expected a JSON array of rows "
                     "or JSON Lines (one row per line)"]
-    if not records and not problems:
-        problems.append("the file holds no examples")
     return records, problems
 
 
