@@ -205,9 +205,18 @@ def wait_in_service(sm: Any, name: str, *, timeout_s: float, poll_s: float = 15.
         if status not in ("Creating", "Updating", "SystemUpdating"):
             return desc
         if time.monotonic() > deadline:
-            raise TimeoutError(f"endpoint {name} still {status} after {timeout_s:g} s (it keeps going; check the "
-                               f"console or run deploy's wait again later)")
+            raise TimeoutError(f"endpoint {name} still {status} after {timeout_s:g} s; SageMaker keeps going: "
+                               f"check it with `aws sagemaker describe-endpoint --endpoint-name {name}`")
         time.sleep(poll_s)
+
+
+def endpoint_failure(desc: dict[str, Any]) -> str | None:
+    """Why the endpoint is not serving (None when it is InService), with how to clean up."""
+    if desc["EndpointStatus"] == "InService":
+        return None
+    name = desc["EndpointName"]
+    return (f"endpoint {name} {desc['EndpointStatus']}: {desc.get('FailureReason', 'no reason given')}\n"
+            f"its model and config are kept for inspection; remove all with: llava-sm delete --endpoint-name {name}")
 
 
 def add_parser(subparsers: Any) -> None:
@@ -239,11 +248,18 @@ def run(args: argparse.Namespace) -> int:
     if not opts.wait:
         print(opts.endpoint_name)
         return 0
-    desc = wait_in_service(sm, opts.endpoint_name, timeout_s=opts.wait_timeout, poll_s=args.poll)
-    if desc["EndpointStatus"] != "InService":
-        print(f"endpoint {opts.endpoint_name} {desc['EndpointStatus']}: {desc.get('FailureReason', 'no reason given')}"
-              f"\nits model and config are kept for inspection; remove all with: llava-sm delete --endpoint-name "
-              f"{opts.endpoint_name}", file=sys.stderr)
+    try:
+        desc = wait_in_service(sm, opts.endpoint_name, timeout_s=opts.wait_timeout, poll_s=args.poll)
+    except TimeoutError as e:
+        print(e, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"stopped waiting; endpoint {opts.endpoint_name} keeps being created" +
+              (" (auto-scaling was not registered)" if opts.autoscaling else ""), file=sys.stderr)
+        return 130
+    failure = endpoint_failure(desc)
+    if failure:
+        print(failure, file=sys.stderr)
         return 1
     if opts.autoscaling:
         scaling = clients.application_autoscaling
