@@ -40,18 +40,20 @@ def tiny_artifact(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def moto_server():
+def moto_server(tmp_path_factory):
     """A real moto server on loopback for the AWS tests; yields its URL. Dummy credentials, region us-east-1, no
-    profile files, so nothing can reach a real AWS account."""
+    profile files, so nothing can reach a real AWS account. Its request recorder (/moto-api/recorder/*) writes
+    into a temp dir, not the working directory."""
     import socket
-
-    from moto.server import ThreadedMotoServer
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MOTO_RECORDER_FILEPATH", str(tmp_path_factory.mktemp("moto") / "recording.jsonl"))
+        from moto.server import ThreadedMotoServer  # after the variable: moto reads it on import
+
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                            "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": os.devnull,
                            "AWS_SHARED_CREDENTIALS_FILE": os.devnull}.items():
