@@ -3,7 +3,7 @@
 Wires config -> app -> uvicorn and nothing else. A bad environment variable exits 2 with a message naming it;
 a model that fails to load exits 1 (SageMaker then reports the failed start). On SIGTERM uvicorn stops accepting
 connections, lets in-flight requests finish for up to SERVE_GRACEFUL_TIMEOUT_S, then the batcher stops and the
-process exits 0.
+process ends (uvicorn re-raises the SIGTERM once shutdown is complete, so the exit status is the signal's).
 """
 
 from __future__ import annotations

@@ -1,0 +1,84 @@
+"""`python -m serve` as SageMaker runs it: env-only config, /ping 503 then 200, a JSON answer, and SIGTERM:
+in-flight requests finish, new connections are refused, the process exits within the graceful timeout."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import requests
+
+from serve_support import b64_png, free_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_python_m_serve_answers_and_shuts_down_gracefully(tiny_artifact, tmp_path):
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SERVE_", "SM_", "SAGEMAKER_"))}
+    env.update({"SM_MODEL_DIR": tiny_artifact, "SAGEMAKER_BIND_TO_PORT": str(port), "SERVE_HOST": "127.0.0.1",
+                "SERVE_TORCH_THREADS": "1", "SERVE_MAX_NEW_TOKENS": "512", "SERVE_GRACEFUL_TIMEOUT_S": "20"})
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "serve"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        statuses = _wait_for_ping(base, proc)
+        assert statuses[-1] == 200
+        answer = requests.post(base + "/invocations", timeout=30,
+                               json={"image": b64_png(), "question": "What is shown?", "temperature": 0})
+        assert answer.status_code == 200 and isinstance(answer.json()["answer"], str)
+
+        long = {"instances": [{"image": b64_png((40, 30 + i)), "question": f"Question {i}?", "temperature": 0,
+                               "max_new_tokens": 400} for i in range(8)]}
+        with ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(requests.post, base + "/invocations", json=long, timeout=60)
+            time.sleep(0.5)
+            assert not in_flight.done(), "the long request finished before SIGTERM: make it longer"
+            proc.send_signal(signal.SIGTERM)
+            term_sent = time.monotonic()
+            time.sleep(0.3)
+            refused = _connection_refused(base)
+            response = in_flight.result()
+        assert response.status_code == 200 and len(response.json()) == 8
+        assert refused, "new connections were accepted after SIGTERM"
+        # uvicorn re-raises the signal once shutdown is complete, so a graceful stop ends "killed by SIGTERM".
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        assert time.monotonic() - term_sent < 25
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    text = (tmp_path / "serve.log").read_text()
+    assert "config: model_dir=" in text and "model ready" in text and "Application shutdown complete" in text
+    assert "path=/invocations status=200" in text and "What is shown" not in text  # no payload content in logs
+
+
+def _wait_for_ping(base: str, proc: subprocess.Popen, timeout: float = 90) -> list[int]:
+    statuses: list[int] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "python -m serve exited during start-up"
+        try:
+            started = time.monotonic()
+            statuses.append(requests.get(base + "/ping", timeout=2).status_code)
+            assert time.monotonic() - started < 2
+        except requests.ConnectionError:
+            pass
+        if statuses and statuses[-1] == 200:
+            return statuses
+        time.sleep(0.1)
+    raise AssertionError(f"no 200 from /ping in {timeout} s: {statuses[-5:]}")
+
+
+def _connection_refused(base: str) -> bool:
+    try:
+        requests.get(base + "/ping", timeout=2)
+    except requests.ConnectionError:
+        return True
+    return False
