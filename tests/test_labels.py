@@ -248,3 +248,32 @@ def test_collator_pads_to_a_multiple_and_drops_what_cannot_fit(processor, tiny_e
         short([examples[0]])
     with pytest.raises(ValueError, match="example 'ex-0' has an image but the collator has no image folder"):
         LlavaCollator(processor, None, 512)([examples[0]])
+
+
+def test_modality_sampler_through_the_trainer_dataloader(processor, model, tmp_path):
+    """TC's Trainer with --group_by_modality_length: every batch it loads is all-image or all-text, and the
+    order changes from one epoch to the next."""
+    from transformers import TrainingArguments
+
+    from train.trainer import LlavaTrainer
+
+    data_path, image_folder = write_tiny_dataset(tmp_path, n=12)  # 8 image rows, 4 text-only rows
+    dataset = ExampleDataset(load_examples(data_path, image_folder), processor, max_length=512)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, use_cpu=True,
+                             report_to=[], remove_unused_columns=False, seed=7)
+    trainer = LlavaTrainer(model=model, args=args, train_dataset=dataset, group_by_modality=True,
+                           data_collator=LlavaCollator(processor, image_folder, 512))
+    from train.sampler import ModalityLengthGroupedSampler
+
+    assert isinstance(trainer._get_train_sampler(), ModalityLengthGroupedSampler)
+    loader = trainer.get_train_dataloader()
+    orders = []
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        batches = list(loader)
+        assert len(batches) == 6
+        for batch in batches:
+            image_rows = (batch["input_ids"] == processor.image_token_id).any(dim=1)
+            assert image_rows.all() == ("pixel_values" in batch) and image_rows.any() == image_rows.all()
+        orders.append([b["input_ids"].sum().item() for b in batches])
+    assert orders[0] != orders[1]
