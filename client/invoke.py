@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import http.client
 import json
 import os
 import time
@@ -39,7 +40,7 @@ class ClientError(Exception):
     """
 
     def __init__(self, status: int | None, code: str, message: str, *, retry_after: float | None = None):
-        super().__init__(f"[{status if status is not None else '-'} {code}] {message}")
+        super().__init__(f"[{status} {code}] {message}" if status is not None else f"[{code}] {message}")
         self.status = status
         self.code = code
         self.message = message
@@ -164,8 +165,8 @@ def _post(url: str, body: bytes, timeout: float) -> dict[str, Any]:
         if isinstance(e.reason, TimeoutError):
             raise ClientError(None, "timeout", f"no answer from {url} within {timeout:g} s") from e
         raise ClientError(None, "connection_error", f"cannot reach {url}: {e.reason}") from e
-    except (ConnectionError, OSError) as e:
-        raise ClientError(None, "connection_error", f"cannot reach {url}: {e}") from e
+    except (OSError, http.client.HTTPException) as e:  # refused, reset, or the server vanished mid-answer
+        raise ClientError(None, "connection_error", f"cannot reach {url}: {e!r}") from e
 
 
 def _invoke_endpoint(client: Any, endpoint_name: str, body: bytes) -> dict[str, Any]:

@@ -314,7 +314,7 @@ def test_delete_removes_exactly_what_deploy_made(moto_server, bucket, aws, capsy
     endpoint = _unique("gone")
     assert main(_deploy_args(moto_server, bucket, endpoint, "--max-instances", "2",
                              "--target-invocations", "10")) == 0
-    made = [after - old for after, old in zip(_names(sm), before)]
+    made = [after - old for after, old in zip(_names(sm), before, strict=True)]
     assert [len(m) for m in made] == [1, 1, 1]
     capsys.readouterr()
 
@@ -322,7 +322,7 @@ def test_delete_removes_exactly_what_deploy_made(moto_server, bucket, aws, capsy
     plan = json.loads(capsys.readouterr().out)
     assert [p["operation"] for p in plan] == ["deregister_scalable_target", "delete_endpoint",
                                               "delete_endpoint_config", "delete_model"]
-    assert _names(sm) == tuple(a | m for a, m in zip(before, made))  # dry run deleted nothing
+    assert _names(sm) == tuple(a | m for a, m in zip(before, made, strict=True))  # dry run deleted nothing
 
     assert main(["delete", "--endpoint-url", moto_server, "--endpoint-name", endpoint]) == 0
     assert _names(sm) == before  # the other endpoint, its config and model are untouched

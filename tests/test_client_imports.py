@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -25,8 +26,8 @@ for argv in json.loads(sys.argv[1]):
         except SystemExit as e:  # --help
             rc = e.code
     print(json.dumps({"argv": argv[:1], "rc": rc, "out": out.getvalue()[-300:]}))
-print(json.dumps({"heavy": sorted(m for m in %r if m in sys.modules)}))
-""" % (HEAVY,)
+print(json.dumps({"heavy": sorted(m for m in HEAVY if m in sys.modules)}))
+""".replace("HEAVY", repr(HEAVY))
 
 
 def _run(code: str, *args: str) -> subprocess.CompletedProcess:
@@ -65,7 +66,8 @@ def test_every_aws_command_runs_without_heavy_imports(moto_server, tiny_artifact
 
 
 def test_console_script_is_installed():
-    exe = shutil.which("llava-sm") or shutil.which("llava-sm", path=str(__import__("pathlib").Path(sys.executable).parent))
+    # the script sits next to the interpreter running the tests (the venv's bin/), on PATH or not
+    exe = shutil.which("llava-sm", path=str(Path(sys.executable).parent)) or shutil.which("llava-sm")
     if exe is None:
         pytest.fail("the llava-sm console script is not installed (pip install -e .)")
     proc = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
