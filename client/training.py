@@ -249,6 +249,8 @@ def run(args: argparse.Namespace) -> int:
 
     opts, sources = o.resolve(TrainOptions, args, "train")
     print(f"train options: {o.describe_sources(opts, sources)}", file=sys.stderr)
+    if opts.spot and not opts.checkpoint_s3_uri:
+        print("note: --spot without --checkpoint-s3-uri: an interrupted job restarts from step 0", file=sys.stderr)
     request = build_request(opts)
     if args.dry_run:
         print(json.dumps(request, indent=2))

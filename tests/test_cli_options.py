@@ -55,6 +55,16 @@ def test_train_dry_run_prints_a_valid_create_training_job(capsys):
     assert request["TrainingJobName"].startswith("llava-sft-") and len(request["TrainingJobName"]) <= 63
 
 
+def test_metric_definitions_fit_sagemaker_limits(capsys):
+    # botocore validates minimums only; SageMaker's maximums: 40 definitions, names <= 255, regexes <= 500
+    assert main([*TRAIN_OK, "--dry-run", "--spot", "--max-wait", "86400"]) == 0
+    out, err = capsys.readouterr()
+    definitions = json.loads(out)["AlgorithmSpecification"]["MetricDefinitions"]
+    assert 0 < len(definitions) <= 40
+    assert all(len(d["Name"]) <= 255 and len(d["Regex"]) <= 500 for d in definitions)
+    assert "interrupted job restarts from step 0" in err
+
+
 def test_deploy_dry_run_prints_valid_requests(capsys):
     rc = main([*DEPLOY_OK, "--dry-run", "--instance-type", "ml.g6e.2xlarge", "--max-instances", "3",
                "--target-invocations", "20", "--env", "MAX_BATCH_SIZE=4", "--volume-size", "100"])
