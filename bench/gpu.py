@@ -1,0 +1,303 @@
+"""GPU benchmark on a randomly initialised LLaVA-1.5-7B-shaped model, loaded in NF4 exactly as the server loads it.
+
+    python -m bench.gpu [--new-tokens 64] [--requests 32] [--out DIR] [--work-dir DIR]
+    python -m bench.gpu --tiny            # a tiny model on whatever device there is, for the test suite
+
+Builds the model from config only (no hub): CLIP ViT-L/14-336 vision tower, Vicuna-7B text model (vocab 32064),
+2-layer GELU projector; random bf16 weights; a byte-level BPE tokenizer trained offline (its few hundred tokens
+are all the prompts need; ids past it decode to nothing, which does not matter for speed). Saves it with
+train.artifact.save_artifact, loads it with serve.model.load_artifact(quantization="nf4"), and measures in one
+run, on one 1600x1200 chart image and one question:
+
+- batch-1 decode tokens/s, eager `generate` vs serve.accel (static cache + torch.compile, buckets): the first
+  accelerated call compiles (its time is reported), the timed ones replay; target: >= 3x;
+- TTFT at concurrency 1 (image preprocessing + prefill + first token, p50 of several): target: <= 150 ms;
+- aggregate output tokens/s for `--requests` concurrent image requests through serve's Predictor + Batcher,
+  sequential (max batch 1) vs batched (max batch = requests), each with SERVE_ACCEL off and on: target >= 10x.
+
+Random weights would stop at a random end-of-sequence token, so every generation is forced to its full length
+(min_new_tokens, and the predictor's EOS pointed at an id the model cannot emit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.report import machine, markdown_table, write_report
+
+QUESTION = "What type of chart is this, and what is its title?"
+TARGETS = {"decode_speedup": 3.0, "batched_speedup": 10.0, "ttft_p50_ms": 150.0}
+
+
+def llava15_7b_config(image_token_index: int, pad_token_id: int, bos: int, eos: int):
+    """LLaVA-1.5-7B's architecture (llava-hf/llava-1.5-7b-hf config), without downloading anything."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+    text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                       rms_norm_eps=1e-5, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad_token_id,
+                       tie_word_embeddings=False)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token_index,
+                       image_seq_length=576, vision_feature_select_strategy="default", vision_feature_layer=-2,
+                       projector_hidden_act="gelu", pad_token_id=pad_token_id)
+
+
+def build_7b_artifact(out_dir: Path, device: str) -> Path:
+    """Random bf16 LLaVA-1.5-7B-shaped model + offline tokenizer/processor, saved as a training run saves one."""
+    import torch
+    from transformers import CLIPImageProcessor, LlavaForConditionalGeneration, LlavaProcessor
+
+    from train.artifact import configure_processor, save_artifact
+    from train.tiny import DEFAULT_CORPUS, train_tokenizer
+
+    tokenizer = train_tokenizer(DEFAULT_CORPUS + [QUESTION], vocab_size=32064)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               image_token="<image>")
+    configure_processor(processor, version="v1", image_aspect_ratio="pad")
+    config = llava15_7b_config(tokenizer.convert_tokens_to_ids("<image>"), tokenizer.pad_token_id,
+                               tokenizer.bos_token_id, tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # 13.5 GB instead of 27 GB while building
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
+    path = save_artifact(out_dir, model, processor, generation_defaults={"max_new_tokens": 64},
+                         training_config={"made_by": "bench.gpu", "shape": "llava-1.5-7b", "weights": "random"})
+    del model
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return path
+
+
+def build_tiny(out_dir: Path) -> Path:
+    from train.tiny import build_tiny_artifact
+
+    return build_tiny_artifact(out_dir, "test")
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def model_inputs(loaded: Any, image: Any, n: int = 1) -> dict[str, Any]:
+    from serve.preshrink import preshrink
+
+    p = loaded.processor
+    prompt = p.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}],
+                                   add_generation_prompt=True, tokenize=False)
+    small = preshrink(image.copy(), p.image_processor)
+    batch = {k: v.to(loaded.device) for k, v in p(images=[small] * n, text=[prompt] * n, return_tensors="pt").items()}
+    batch["pixel_values"] = batch["pixel_values"].to(loaded.model.dtype)
+    return batch
+
+
+def forced(loaded: Any, new_tokens: int):
+    import copy
+
+    gen = copy.deepcopy(loaded.generation_config)
+    gen.max_new_tokens = gen.min_new_tokens = new_tokens
+    gen.do_sample, gen.max_length = False, None
+    return gen
+
+
+def timed_generate(accel: Any, loaded: Any, batch: dict[str, Any], new_tokens: int) -> float:
+    sync(loaded.device)
+    start = time.perf_counter()
+    out = accel.generate(loaded.model, batch, generation_config=forced(loaded, new_tokens))
+    sync(loaded.device)
+    assert out.shape[1] - batch["input_ids"].shape[1] == new_tokens, "generation was not forced to full length"
+    return time.perf_counter() - start
+
+
+def decode_speed(loaded: Any, image: Any, new_tokens: int, repeats: int, accel_config: Any) -> dict[str, Any]:
+    """Batch-1 decode tokens/s = (N - 1) / (t(N) - t(1)): prefill and the first token cancel out."""
+    from serve.accel import AccelConfig, Accelerator
+
+    batch = model_inputs(loaded, image)
+    out: dict[str, Any] = {}
+    for name, cfg in (("eager", AccelConfig(mode="off")), ("accel", accel_config)):
+        accel = Accelerator(loaded.model, cfg, device=loaded.device)
+        start = time.perf_counter()
+        timed_generate(accel, loaded, batch, new_tokens)  # warm-up (and compilation for the accelerated path)
+        timed_generate(accel, loaded, batch, 1)
+        out[f"{name}_warmup_s"] = time.perf_counter() - start
+        first = statistics.median(timed_generate(accel, loaded, batch, 1) for _ in range(repeats))
+        full = statistics.median(timed_generate(accel, loaded, batch, new_tokens) for _ in range(repeats))
+        # NaN when noise swamps the difference (tiny models on a busy CPU); never on a 7B model.
+        out[f"{name}_decode_tok_s"] = (new_tokens - 1) / (full - first) if full > first else float("nan")
+        out[f"{name}_end_to_end_tok_s"] = new_tokens / full
+        out[f"{name}_prefill_first_token_ms"] = first * 1000
+        out[f"{name}_describe"] = accel.describe(loaded.model)
+    out["decode_speedup"] = out["accel_decode_tok_s"] / out["eager_decode_tok_s"]
+    return out
+
+
+def ttft(loaded: Any, image_bytes: bytes, repeats: int, accel_config: Any) -> dict[str, Any]:
+    """Concurrency 1: decode the PNG bytes, preprocess, prefill, first token (what a streaming client would see)."""
+    from serve.accel import Accelerator
+
+    accel = Accelerator(loaded.model, accel_config, device=loaded.device)
+    samples = []
+    for _ in range(repeats + 1):
+        sync(loaded.device)
+        start = time.perf_counter()
+        image = decode_chart(image_bytes)
+        timed_generate(accel, loaded, model_inputs(loaded, image), 1)
+        samples.append((time.perf_counter() - start) * 1000)
+    samples = samples[1:]  # the first includes one-off warm-up
+    return {"ttft_p50_ms": statistics.median(samples), "ttft_min_ms": min(samples)}
+
+
+async def _submit_all(batcher: Any, requests: list[Any]) -> list[Any]:
+    return await asyncio.gather(*(batcher.submit([r]) for r in requests))
+
+
+def server_throughput(loaded: Any, image: Any, n_requests: int, new_tokens: int, accel_mode: str) -> dict[str, Any]:
+    """n concurrent image requests through Predictor + Batcher: sequential (max batch 1) vs batched."""
+    from serve.predictor import Predictor
+    from serve.preshrink import preshrink
+
+    os.environ["SERVE_ACCEL"] = accel_mode  # read by the predictor when it wires serve.accel
+    eos = loaded.generation_config.eos_token_id
+    loaded.generation_config.eos_token_id = [10**9]  # an id the model cannot emit: every answer runs full length
+    try:
+        predictor = Predictor(loaded, max_new_tokens_cap=max(new_tokens, 1))
+        small = preshrink(image.copy(), loaded.processor.image_processor)
+        out: dict[str, Any] = {"accel": accel_mode, "predictor_uses_accel": hasattr(predictor, "accel")}
+        for name, max_batch in (("sequential", 1), ("batched", n_requests)):
+            out.update(_run_server(predictor, small, name, max_batch, n_requests, new_tokens, loaded.device))
+    finally:
+        loaded.generation_config.eos_token_id = eos
+    out["batched_speedup"] = out["batched_output_tok_s"] / out["sequential_output_tok_s"]
+    return out
+
+
+def _run_server(predictor: Any, small: Any, name: str, max_batch: int, n_requests: int, new_tokens: int,
+                device: str) -> dict[str, Any]:
+    from serve.batching import Batcher
+    from serve.predictor import GenerationRequest
+
+    def request():
+        return GenerationRequest(image=small, question=QUESTION, temperature=0, max_new_tokens=new_tokens)
+
+    batcher = Batcher(predictor, max_batch_size=max_batch, max_wait_ms=20, max_queue=4 * n_requests).start()
+    try:
+        # One full batch first: compiles/allocates this batch shape, so the timed run replays.
+        asyncio.run(_submit_all(batcher, [request() for _ in range(min(max_batch, n_requests))]))
+        sync(device)
+        start = time.perf_counter()
+        results = asyncio.run(_submit_all(batcher, [request() for _ in range(n_requests)]))
+        sync(device)
+        wall = time.perf_counter() - start
+    finally:
+        batcher.close(timeout=60)
+    done = [r[0] for r in results if hasattr(r[0], "completion_tokens")]
+    tokens = sum(r.completion_tokens for r in done)
+    return {f"{name}_wall_s": wall, f"{name}_output_tok_s": tokens / wall,
+            f"{name}_errors": len(results) - len(done),
+            f"{name}_mean_completion_tokens": tokens / max(len(done), 1)}
+
+
+def gpu_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.device(device))
+        return f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
+    return "CPU (no CUDA)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.splitlines()[0])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=32, help="concurrent requests for the batching comparison")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--work-dir", help="where the 13.5 GB bf16 artifact is written (default: a temp dir)")
+    parser.add_argument("--tiny", action="store_true", help="tiny model, few tokens: a smoke run for the tests")
+    parser.add_argument("--out", help="write gpu.json and gpu.md here")
+    args = parser.parse_args(argv)
+    if min(args.new_tokens, args.requests, args.repeats) < 1 or args.new_tokens < 2:
+        parser.error("--new-tokens must be >= 2; --requests and --repeats >= 1")
+    import torch
+
+    from bench.samples import chart_image, encode
+    from serve.accel import AccelConfig
+    from serve.model import load_artifact
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not args.tiny and device == "cpu":
+        parser.error("no CUDA device: the 7B run needs a GPU (use --tiny for a CPU smoke run)")
+    if args.tiny:
+        args.new_tokens, args.requests, args.repeats = min(args.new_tokens, 4), min(args.requests, 4), 1
+    accel_config = AccelConfig(mode="on") if device == "cuda" else AccelConfig(
+        mode="on", compile_backend="eager", compile_mode=None, compile_on_cpu=True)  # CPU: capture only
+    quantization = "nf4" if device == "cuda" else "none"  # bnb's CPU 4-bit path is tested in tests/test_accel.py
+    chart = chart_image(1600, 1200)
+    png = encode(chart, "PNG")
+    with tempfile.TemporaryDirectory(prefix="bench-gpu-", dir=args.work_dir) as tmp:
+        started = time.perf_counter()
+        path = build_tiny(Path(tmp) / "m") if args.tiny else build_7b_artifact(Path(tmp) / "m", device)
+        built_s = time.perf_counter() - started
+        loaded = load_artifact(path, quantization=quantization, device=device)
+        load_s = time.perf_counter() - started - built_s
+    image = decode_chart(png)
+    results: dict[str, Any] = {"gpu": gpu_name(device), "model": "tiny" if args.tiny else "llava-1.5-7b-shaped",
+                               "quantization": loaded.quantization, "new_tokens": args.new_tokens,
+                               "requests": args.requests, "build_s": built_s, "load_s": load_s}
+    results.update(decode_speed(loaded, image, args.new_tokens, args.repeats, accel_config))
+    results.update(ttft(loaded, png, args.repeats, accel_config))
+    servers = [server_throughput(loaded, image, args.requests, args.new_tokens, mode) for mode in ("off", "on")]
+    results["server"] = servers
+    if device == "cuda":
+        results["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    write_report(args.out, "gpu", {"machine": machine(), "targets": TARGETS, **results}, render(results))
+    return 0 if all(s["sequential_errors"] == s["batched_errors"] == 0 for s in servers) else 1
+
+
+def decode_chart(png: bytes):
+    from serve.images import decode_image
+
+    return decode_image(png, 25_000_000)
+
+
+def render(r: dict[str, Any]) -> str:
+    head = (f"{r['model']} on {r['gpu']}, quantization={r['quantization']}, {r['new_tokens']} forced new tokens, "
+            f"build {r['build_s']:.0f} s, load {r['load_s']:.0f} s")
+    decode = markdown_table([
+        {"path": "eager generate", "tok_s": r["eager_decode_tok_s"], "first": r["eager_prefill_first_token_ms"],
+         "warm": r["eager_warmup_s"]},
+        {"path": "serve.accel", "tok_s": r["accel_decode_tok_s"], "first": r["accel_prefill_first_token_ms"],
+         "warm": r["accel_warmup_s"]}],
+        [("path", "batch-1 decode"), ("tok_s", "tokens/s"), ("first", "prefill + 1st token ms"),
+         ("warm", "warm-up/compile s")])
+    server = markdown_table([
+        {"accel": s["accel"], "seq": s["sequential_output_tok_s"], "bat": s["batched_output_tok_s"],
+         "x": s["batched_speedup"], "wired": s["predictor_uses_accel"]} for s in r["server"]],
+        [("accel", "SERVE_ACCEL"), ("seq", "sequential out tok/s"), ("bat", f"batched ({r['requests']}) out tok/s"),
+         ("x", "speed-up"), ("wired", "predictor uses accel")])
+    best = max(s["batched_speedup"] for s in r["server"])
+    verdict = (f"decode speed-up {r['decode_speedup']:.2f}x (target >= {TARGETS['decode_speedup']:g}x); "
+               f"batched speed-up {best:.1f}x (target >= {TARGETS['batched_speedup']:g}x); "
+               f"TTFT p50 {r['ttft_p50_ms']:.0f} ms (target <= {TARGETS['ttft_p50_ms']:g} ms)")
+    return "\n\n".join([head, decode, f"accel: {r['accel_describe']}", server, verdict])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,264 @@
+"""Load generator against a running server: a concurrency sweep with a fixed prompt and image set.
+
+    python -m bench.load http://127.0.0.1:8080 [--concurrency 1,4,16,64] [--requests 64] [--max-new-tokens 16]
+                         [--server-pid PID] [--out DIR] [--label NAME]
+
+For each concurrency level, that many client threads (keep-alive connections, stdlib only, so the generator
+itself costs little CPU) send a bounded number of POST /invocations (JSON: base64 chart image + question,
+greedy) while one more thread pings GET /ping every 50 ms. Reported per level: requests/s, output tokens/s (from
+each reply's usage.completion_tokens), TTFT and latency p50/p99, the server's own latency_ms p50, /ping p50/p99,
+errors by status and code, and peak server RSS (sampled from /proc/PID when --server-pid is given, or psutil).
+
+TTFT: the server answers non-streaming JSON, so the first byte arrives with the whole answer and TTFT here is the
+time to the response headers, i.e. the full latency minus the body transfer (~= latency). Loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import json
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from bench.report import machine, markdown_table, percentile, write_report
+
+DEFAULT_LEVELS = (1, 4, 16, 64)
+QUESTION = "What type of chart is this, and what is its title?"
+PING_INTERVAL_S = 0.05
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass
+class Sample:
+    ok: bool
+    status: int
+    latency_ms: float
+    ttft_ms: float
+    completion_tokens: int = 0
+    server_latency_ms: float | None = None
+    error_code: str | None = None
+
+
+@dataclass
+class LevelResult:
+    concurrency: int
+    samples: list[Sample] = field(default_factory=list)
+    pings_ms: list[float] = field(default_factory=list)
+    ping_failures: int = 0
+    wall_s: float = 0.0
+    peak_rss_mib: float | None = None
+
+    def summary(self) -> dict[str, Any]:
+        ok = [s for s in self.samples if s.ok]
+        lat = [s.latency_ms for s in ok]
+        tokens = sum(s.completion_tokens for s in ok)
+        errors = Counter(f"{s.status}:{s.error_code}" for s in self.samples if not s.ok)
+        server = [s.server_latency_ms for s in ok if s.server_latency_ms is not None]
+        return {
+            "concurrency": self.concurrency, "requests": len(self.samples), "ok": len(ok),
+            "errors": sum(errors.values()), "errors_by_code": dict(errors),
+            "wall_s": self.wall_s, "req_per_s": len(ok) / self.wall_s if self.wall_s else 0.0,
+            "output_tokens_per_s": tokens / self.wall_s if self.wall_s else 0.0,
+            "mean_completion_tokens": tokens / len(ok) if ok else 0.0,
+            "ttft_p50_ms": percentile([s.ttft_ms for s in ok], 50),
+            "latency_p50_ms": percentile(lat, 50), "latency_p99_ms": percentile(lat, 99),
+            "server_latency_p50_ms": percentile(server, 50),
+            "ping_p50_ms": percentile(self.pings_ms, 50), "ping_p99_ms": percentile(self.pings_ms, 99),
+            "ping_max_ms": max(self.pings_ms) if self.pings_ms else None, "ping_failures": self.ping_failures,
+            "peak_rss_mib": self.peak_rss_mib,
+        }
+
+
+class Client:
+    """One keep-alive HTTP/1.1 connection to the server (reconnects after an error)."""
+
+    def __init__(self, url: str, timeout_s: float):
+        parts = urlsplit(url)
+        if parts.scheme != "http" or parts.hostname not in LOOPBACK:
+            raise ValueError(f"the load generator only targets http://127.0.0.1 / localhost, got {url!r}")
+        self.host, self.port, self.timeout_s = parts.hostname, parts.port or 80, timeout_s
+        self.conn: http.client.HTTPConnection | None = None
+        self.last_ms = 0.0  # duration of the last request, headers and body
+
+    def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes, float]:
+        """(status, body, seconds to the response headers)."""
+        if self.conn is None:
+            self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        start = time.perf_counter()
+        try:
+            self.conn.request(method, path, body=body, headers=headers)
+            response = self.conn.getresponse()
+            first_byte = time.perf_counter() - start
+            return response.status, response.read(), first_byte
+        except (OSError, http.client.HTTPException):
+            self.close()
+            raise
+        finally:
+            self.last_ms = (time.perf_counter() - start) * 1000
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
+def make_bodies(images: list[bytes], max_new_tokens: int, question: str = QUESTION) -> list[bytes]:
+    return [json.dumps({"image": base64.b64encode(img).decode(), "question": question, "temperature": 0,
+                        "max_new_tokens": max_new_tokens}).encode() for img in images]
+
+
+def one_request(client: Client, body: bytes) -> Sample:
+    start = time.perf_counter()
+    try:
+        status, payload, first_byte = client.request("POST", "/invocations", body)
+    except (OSError, http.client.HTTPException) as e:
+        ms = (time.perf_counter() - start) * 1000
+        return Sample(False, 0, ms, ms, error_code=type(e).__name__)
+    ms = (time.perf_counter() - start) * 1000
+    try:
+        reply = json.loads(payload)
+    except ValueError:
+        return Sample(False, status, ms, first_byte * 1000, error_code="bad_json")
+    if status != 200:
+        code = reply.get("error", {}).get("code") if isinstance(reply, dict) else None
+        return Sample(False, status, ms, first_byte * 1000, error_code=code)
+    return Sample(True, status, ms, first_byte * 1000, completion_tokens=int(reply["usage"]["completion_tokens"]),
+                  server_latency_ms=reply.get("latency_ms"))
+
+
+def rss_mib(pid: int | None) -> float | None:
+    """Resident memory of process `pid` in MiB (/proc, else psutil); None when unknown."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        return psutil.Process(pid).memory_info().rss / 2**20
+    except Exception:  # noqa: BLE001 - memory is optional information
+        return None
+
+
+def run_level(url: str, bodies: list[bytes], concurrency: int, requests: int, *, timeout_s: float = 120.0,
+              server_pid: int | None = None) -> LevelResult:
+    """`requests` POSTs spread over `concurrency` threads, /ping every 50 ms, RSS sampled; bounded, no retries."""
+    result = LevelResult(concurrency)
+    lock = threading.Lock()
+    counter = iter(range(requests))
+    stop = threading.Event()
+
+    def worker() -> None:
+        client = Client(url, timeout_s)
+        try:
+            while True:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                sample = one_request(client, bodies[i % len(bodies)])
+                with lock:
+                    result.samples.append(sample)
+        finally:
+            client.close()
+
+    def pinger() -> None:
+        client = Client(url, 5.0)
+        peak = rss_mib(server_pid)
+        try:
+            while not stop.wait(PING_INTERVAL_S):
+                try:
+                    healthy = client.request("GET", "/ping")[0] == 200
+                except (OSError, http.client.HTTPException):
+                    healthy = False
+                if healthy:
+                    result.pings_ms.append(client.last_ms)
+                else:
+                    result.ping_failures += 1
+                rss = rss_mib(server_pid)
+                if rss is not None:
+                    peak = max(peak or 0.0, rss)
+        finally:
+            client.close()
+            result.peak_rss_mib = peak
+
+    threads = [threading.Thread(target=worker, name=f"load-{k}", daemon=True) for k in range(concurrency)]
+    ping_thread = threading.Thread(target=pinger, name="ping", daemon=True)
+    ping_thread.start()
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    result.wall_s = time.perf_counter() - start
+    stop.set()
+    ping_thread.join()
+    return result
+
+
+def sweep(url: str, levels: tuple[int, ...], *, requests: int | None, max_new_tokens: int, images: int,
+          server_pid: int | None, warmup: int = 2) -> list[dict[str, Any]]:
+    from bench.samples import image_set
+
+    bodies = make_bodies(image_set(images), max_new_tokens)
+    run_level(url, bodies, 1, warmup, server_pid=server_pid)  # first-call costs (lazy imports, allocations)
+    rows = []
+    for c in levels:
+        n = requests if requests is not None else max(4 * c, 16)
+        rows.append(run_level(url, bodies, c, n, server_pid=server_pid).summary())
+    return rows
+
+
+COLUMNS = [("concurrency", "concurrency"), ("ok", "ok"), ("errors", "errors"), ("req_per_s", "req/s"),
+           ("output_tokens_per_s", "out tok/s"), ("ttft_p50_ms", "TTFT p50 ms"), ("latency_p50_ms", "latency p50 ms"),
+           ("latency_p99_ms", "latency p99 ms"), ("ping_p99_ms", "/ping p99 ms"), ("peak_rss_mib", "peak RSS MiB")]
+
+
+def parse_levels(text: str) -> tuple[int, ...]:
+    levels = tuple(int(x) for x in text.split(",") if x.strip())
+    if not levels or min(levels) < 1:
+        raise ValueError("concurrency levels must be positive integers")
+    return levels
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__.splitlines()[0])
+    parser.add_argument("url", help="server base URL, e.g. http://127.0.0.1:8080 (loopback only)")
+    parser.add_argument("--concurrency", default=",".join(map(str, DEFAULT_LEVELS)))
+    parser.add_argument("--requests", type=int, help="requests per level (default max(4 x concurrency, 16))")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--images", type=int, default=4, help="size of the fixed image set (640x480 charts)")
+    parser.add_argument("--server-pid", type=int, help="sample this process's RSS")
+    parser.add_argument("--label", default="load", help="name of the JSON/markdown files")
+    parser.add_argument("--out", help="write LABEL.json and LABEL.md here")
+    args = parser.parse_args(argv)
+    try:
+        levels = parse_levels(args.concurrency)
+        Client(args.url, 1.0)
+    except ValueError as e:
+        parser.error(str(e))
+    if (args.requests is not None and args.requests < 1) or args.max_new_tokens < 1 or args.images < 1:
+        parser.error("--requests, --max-new-tokens and --images must be positive")
+    rows = sweep(args.url, levels, requests=args.requests, max_new_tokens=args.max_new_tokens, images=args.images,
+                 server_pid=args.server_pid)
+    md = (f"Load sweep against {args.url} (max_new_tokens={args.max_new_tokens}; TTFT = time to response headers, "
+          "= latency for this non-streaming server)\n\n" + markdown_table(rows, COLUMNS))
+    write_report(args.out, args.label, {"machine": machine(), "url": args.url, "max_new_tokens": args.max_new_tokens,
+                                        "levels": rows}, md)
+    return 0 if all(r["errors"] == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,101 @@
+"""The bench scripts run end to end in their short modes, so they cannot rot: real servers, real models, real files."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from bench import gpu, load, preprocess, run_cpu
+from bench.report import markdown_table, percentile
+
+
+def test_percentile_and_markdown_table():
+    assert percentile([3, 1, 2], 50) == 2 and percentile([1, 2], 99) == pytest.approx(1.99)
+    assert math.isnan(percentile([], 50))
+    table = markdown_table([{"a": 1.234, "b": None}, {"a": float("nan"), "b": "x"}], [("a", "A"), ("b", "B")])
+    assert table.splitlines() == ["| A | B |", "|---|---|", "| 1.2 | - |", "| - | x |"]
+
+
+def test_preprocess_reports_time_and_pixel_difference(tmp_path, capsys):
+    assert preprocess.main(["--size", "900x600", "--repeats", "2", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "preprocess.json").read_text())
+    rows = {r["format"]: r for r in data["results"]}
+    assert set(rows) == {"PNG", "JPEG"}
+    for row in rows.values():
+        assert row["fast_p50_ms"] > 0 and row["reference_p50_ms"] > 0
+        assert row["max_abs_diff_levels"] <= 40 and row["mean_abs_diff_levels"] <= 0.5
+    assert "| PNG | 900x600 |" in (tmp_path / "preprocess.md").read_text()
+    assert "fast to pixel_values" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["http://example.com:8080"], ["https://127.0.0.1:8080"],
+                                  ["http://127.0.0.1:8080", "--concurrency", "0,4"],
+                                  ["http://127.0.0.1:8080", "--requests", "0"]])
+def test_load_rejects_bad_arguments(argv):
+    with pytest.raises(SystemExit) as e:
+        load.main(argv)
+    assert e.value.code == 2
+
+
+def test_load_counts_errors_from_a_dead_server():
+    # Nothing listens on this port: every request fails fast and is counted, nothing hangs.
+    port = run_cpu.free_port()
+    result = load.run_level(f"http://127.0.0.1:{port}", [b"{}"], concurrency=2, requests=3, timeout_s=2)
+    summary = result.summary()
+    assert summary["requests"] == 3 and summary["ok"] == 0 and summary["errors"] == 3
+    assert summary["req_per_s"] == 0 and summary["ping_failures"] >= 0
+
+
+def test_run_cpu_sweeps_sequential_and_batched_servers(tiny_artifact, tmp_path):
+    assert run_cpu.main(["--tiny", "--model-dir", tiny_artifact, "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "cpu_compare.json").read_text())
+    for name in ("sequential", "batched"):
+        levels = data[name]
+        assert [r["concurrency"] for r in levels] == [1, 4]
+        for r in levels:
+            assert r["ok"] == 8 and r["errors"] == 0 and r["req_per_s"] > 0
+            assert r["mean_completion_tokens"] <= 2 and r["latency_p99_ms"] >= r["latency_p50_ms"] > 0
+            assert r["ping_p50_ms"] > 0 and r["peak_rss_mib"] > 50  # the server process, sampled from /proc
+    assert [r["concurrency"] for r in data["comparison"]] == [1, 4] and data["comparison"][0]["speedup"] > 0
+    assert "Batched vs sequential" in (tmp_path / "cpu_compare.md").read_text()
+
+
+def test_gpu_script_tiny_mode_runs_every_measurement(tmp_path, monkeypatch):
+    monkeypatch.setenv("SERVE_ACCEL", "off")  # the script sets it per run; restored after the test
+    assert gpu.main(["--tiny", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "gpu.json").read_text())
+    assert data["model"] == "tiny" and data["new_tokens"] == 4
+    assert data["accel_describe"].startswith("on ") and data["eager_describe"].startswith("off")
+    assert data["ttft_p50_ms"] > 0 and data["eager_end_to_end_tok_s"] > 0
+    assert [s["accel"] for s in data["server"]] == ["off", "on"]
+    for s in data["server"]:
+        assert s["sequential_errors"] == s["batched_errors"] == 0
+        assert s["sequential_mean_completion_tokens"] == s["batched_mean_completion_tokens"] == 4  # forced length
+    assert "batch-1 decode" in (tmp_path / "gpu.md").read_text()
+
+
+def test_gpu_script_refuses_7b_run_without_cuda():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("has CUDA")
+    with pytest.raises(SystemExit) as e:
+        gpu.main([])
+    assert e.value.code == 2
+
+
+def test_7b_config_has_llava15_shape():
+    config = gpu.llava15_7b_config(image_token_index=4, pad_token_id=3, bos=1, eos=2)
+    text, vision = config.text_config, config.vision_config
+    assert (text.hidden_size, text.num_hidden_layers, text.intermediate_size, text.vocab_size) == (4096, 32, 11008,
+                                                                                                   32064)
+    assert (vision.image_size, vision.patch_size, vision.hidden_size, vision.num_hidden_layers) == (336, 14, 1024, 24)
+    assert config.image_seq_length == (336 // 14) ** 2 == 576
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_gpu_script_7b_small_run(tmp_path):
+    assert gpu.main(["--new-tokens", "8", "--requests", "4", "--repeats", "1", "--out", str(tmp_path)]) == 0
