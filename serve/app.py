@@ -160,7 +160,8 @@ async def _invoke(state: ServerState, request: Request, started: float) -> JSONR
     if content_type in JSON_TYPES:
         items, is_batch = parse_json_body(body, max_instances=cfg.max_instances, max_new_tokens=cfg.max_new_tokens)
         batcher.check_room(len(items))
-        requests = await run_in_threadpool(_requests_from_json, items, state.policy, deadline, is_batch)
+        requests = await run_in_threadpool(_requests_from_json, items, state.policy, deadline, is_batch,
+                                           shrink_for(batcher))
     else:
         attributes = parse_qsl(request.headers.get(CUSTOM_ATTRIBUTES, ""), keep_blank_values=True)
         params = parse_raw_params(request.query_params.multi_items(), attributes,
@@ -168,7 +169,7 @@ async def _invoke(state: ServerState, request: Request, started: float) -> JSONR
         batcher.check_room(1)
         if not body:
             raise ApiError("invalid_image", "the body is empty; send the image bytes")
-        image = await run_in_threadpool(decode_image, body, cfg.max_image_pixels)
+        image = await run_in_threadpool(decode_image, body, cfg.max_image_pixels, shrink_for=shrink_for(batcher))
         requests, is_batch = [_generation_request(params, image, deadline)], False
     outcomes = await batcher.submit(requests, deadline)
     for outcome in outcomes:
@@ -193,11 +194,17 @@ async def read_body_capped(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _requests_from_json(items: list, policy: ImagePolicy, deadline: float, is_batch: bool) -> list[GenerationRequest]:
+def shrink_for(batcher: Batcher) -> Any:
+    """The model's image processor, so images are padded and shrunk on the request thread (serve.preshrink)."""
+    return getattr(batcher.predictor, "image_processor", None)
+
+
+def _requests_from_json(items: list, policy: ImagePolicy, deadline: float, is_batch: bool,
+                        shrink: Any = None) -> list[GenerationRequest]:
     requests = []
     for i, item in enumerate(items):
         try:
-            image = load_image(item.image, policy, deadline=deadline)
+            image = load_image(item.image, policy, deadline=deadline, shrink_for=shrink)
         except ApiError as e:
             raise ApiError(e.code, f"instances.{i}.image: {e.message}" if is_batch else e.message) from None
         requests.append(_generation_request(item, image, deadline))

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from serve.accel import AccelConfig, Accelerator
 from serve.errors import ApiError
 from serve.model import LoadedModel
 
@@ -68,8 +69,10 @@ class _Row:
 class Predictor:
     """Batched generation on a loaded artifact. Not thread-safe: one thread (the batcher's) calls `predict`."""
 
-    def __init__(self, loaded: LoadedModel, *, max_new_tokens_cap: int = 1024):
+    def __init__(self, loaded: LoadedModel, *, max_new_tokens_cap: int = 1024, accel: AccelConfig | None = None):
         self.loaded = loaded
+        # Static cache + compiled decode on CUDA (serve/accel.py); SERVE_ACCEL=off keeps plain eager generate.
+        self.accel = Accelerator(loaded.model, accel or AccelConfig.from_env(), device=loaded.device)
         gen = loaded.generation_config
         self.max_new_tokens_cap = max_new_tokens_cap
         self.default_max_new_tokens = min(gen.max_new_tokens or 128, max_new_tokens_cap)
@@ -98,6 +101,11 @@ class Predictor:
             with torch.inference_mode():
                 self._generate(rows, requests, deliver)
         return [r if r is not None else ApiError("internal_error", "no result") for r in results]
+
+    @property
+    def image_processor(self) -> Any:
+        """What serve.images shrinks images for, on the request threads (serve.preshrink)."""
+        return self.loaded.processor.image_processor
 
     def render_prompt(self, question: str, with_image: bool = True) -> str:
         content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": question}]
@@ -159,8 +167,8 @@ class Predictor:
         sample = any(r.temperature > 0 for r in rows)
         gen = self._generation_config(max(r.max_new_tokens for r in rows), sample)
         processors = LogitsProcessorList([_PerRowSampling(rows)] if sample else [])
-        out = self.loaded.model.generate(**batch, generation_config=gen, logits_processor=processors,
-                                         stopping_criteria=StoppingCriteriaList([tracker]))
+        out = self.accel.generate(self.loaded.model, batch, generation_config=gen, logits_processor=processors,
+                                  stopping_criteria=StoppingCriteriaList([tracker]))
         tracker.finish_remaining(out)
 
     def _generation_config(self, max_new_tokens: int, sample: bool):

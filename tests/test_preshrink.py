@@ -118,3 +118,18 @@ def test_unmirrored_size_rule_leaves_geometry_to_the_processor(llava15):
     data = encode(chart_image(1600, 1200), "PNG")
     assert preshrink(_open(data), other).size == (1600, 1200)
     assert _compare(other, data).max() == 0.0
+
+
+def test_server_decode_path_returns_shrunk_images(tiny_artifact):
+    from transformers import AutoProcessor
+
+    from serve.images import decode_image
+
+    processor = AutoProcessor.from_pretrained(tiny_artifact).image_processor
+    for fmt in ("PNG", "JPEG"):
+        data = encode(chart_image(1600, 1200, seed=7), fmt)
+        shrunk = decode_image(data, 25_000_000, shrink_for=processor)
+        assert shrunk.size == (32, 32) and shrunk.mode == "RGB"
+        ref = _pixels(processor, decode_image(data, 25_000_000))
+        diff = _levels(processor, ref, _pixels(processor, shrunk))
+        assert diff.max() <= MAX_LEVELS and diff.mean() <= 4 * MEAN_LEVELS, (fmt, diff.max(), diff.mean())
