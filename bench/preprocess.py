@@ -2,16 +2,16 @@
 
     python -m bench.preprocess [--size 1600x1200] [--repeats 30] [--model-dir DIR] [--out DIR]
 
-Compares the reference path (PIL decode, then the saved processor: LlavaImageProcessorPil pads the full-size
-array to a square and resizes it) with serve.preshrink (JPEG draft decode, box reduce, pad and resize in PIL,
-then the same processor), and reports the pixel difference between the two. Target: <= 15 ms per image.
+Compares the reference path (serve.images.decode_image, then the saved processor: LlavaImageProcessorPil pads
+the full-size array to a square and resizes it) with the server's fast path (decode_image(shrink_for=processor):
+serve.preshrink's JPEG draft decode, pad, box reduce and resize in PIL, then the same processor), and reports the
+pixel difference between the two. Target: <= 15 ms per image.
 Without --model-dir the processor has LLaVA-1.5's settings (336 px, CLIP mean/std, bicubic, pad to square).
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,30 +30,29 @@ def llava15_image_processor():
                                   image_mean=CLIP_MEAN, image_std=CLIP_STD, resample=3, do_convert_rgb=True)
 
 
-def decode(data: bytes):
-    """Open without decoding; the reference loads it fully, the fast path may ask for a scaled JPEG decode."""
-    from PIL import Image
+MAX_PIXELS = 25_000_000
 
-    return Image.open(io.BytesIO(data))
+
+def decode(data: bytes) -> Any:
+    """The server's decode (serve.images: pixel cap, first frame, EXIF orientation, RGB)."""
+    from serve.images import decode_image
+
+    return decode_image(data, MAX_PIXELS)
 
 
 def reference(data: bytes, processor) -> Any:
-    image = decode(data)
-    image.load()
-    return processor(image, return_tensors="np")["pixel_values"][0]
-
-
-def fast(data: bytes, processor) -> Any:
-    from serve.preshrink import preshrink
-
-    return processor(preshrink(decode(data), processor), return_tensors="np")["pixel_values"][0]
+    return processor(decode(data), return_tensors="np")["pixel_values"][0]
 
 
 def fast_geometry(data: bytes, processor) -> Any:
-    """Decode + pad + resize only (what the target names), without rescale/normalize."""
-    from serve.preshrink import preshrink
+    """Decode + pad + resize only (what the target names): the server's decode with serve.preshrink."""
+    from serve.images import decode_image
 
-    return preshrink(decode(data), processor)
+    return decode_image(data, MAX_PIXELS, shrink_for=processor)
+
+
+def fast(data: bytes, processor) -> Any:
+    return processor(fast_geometry(data, processor), return_tensors="np")["pixel_values"][0]
 
 
 def time_ms(fn: Callable[[], Any], repeats: int) -> list[float]:
@@ -85,7 +84,7 @@ def run(width: int, height: int, repeats: int, processor) -> list[dict[str, Any]
     for fmt in ("PNG", "JPEG"):
         data = encode(image, fmt)
         row: dict[str, Any] = {"format": fmt, "size": f"{width}x{height}", "bytes": len(data)}
-        for name, fn in (("decode_only", lambda: decode(data).load()),
+        for name, fn in (("decode_only", lambda: decode(data)),
                          ("reference", lambda: reference(data, processor)),
                          ("fast_geometry", lambda: fast_geometry(data, processor)),
                          ("fast", lambda: fast(data, processor))):
