@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -29,8 +30,17 @@ def train_env(**extra: str) -> dict[str, str]:
 
 def run_train(args: list[str], *, launcher: list[str] | None = None, timeout: int = 300,
               **env: str) -> subprocess.CompletedProcess:
+    """Run the job to completion; on timeout kill its whole process group (torchrun's workers included)."""
     cmd = (launcher or [sys.executable, "-m"]) + ["train", *args]
-    return subprocess.run(cmd, cwd=REPO, env=train_env(**env), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=train_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def output_of(proc: subprocess.CompletedProcess) -> str:

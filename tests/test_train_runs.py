@@ -1,0 +1,185 @@
+"""Training runs beyond the happy path: failures (failure file, exit codes, data checked before the model), a run
+killed after a checkpoint that resumes, DeepSpeed ZeRO-2 with two CPU processes on gloo, QLoRA (bitsandbytes
+4-bit also runs on CPU), and the GPU-only paths (4-bit on CUDA, NCCL), which skip without CUDA."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from data_helpers import tiny_rows, write_images, write_rows, write_tiny_dataset
+from train_support import FAST_ARGS, REPO, load_weights, output_of, run_train, train_env, trainer_state
+
+
+def sagemaker_tree(base: Path, hyperparameters: dict[str, str]) -> Path:
+    (base / "input" / "config").mkdir(parents=True)
+    (base / "input" / "config" / "hyperparameters.json").write_text(json.dumps(hyperparameters))
+    return base
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    data, images = write_tiny_dataset(tmp_path / "data", n=8)
+    return {"data": str(data), "images": str(images)}
+
+
+def test_bad_data_is_a_user_error_reported_before_any_model_is_read(tmp_path, monkeypatch, caplog):
+    from train.__main__ import main
+
+    rows = tiny_rows(4)
+    rows[1]["conversations"] = []
+    rows[3]["image"] = "missing.png"
+    write_images(tmp_path / "images", 4)
+    data = write_rows(tmp_path / "data.json", rows)
+    base = sagemaker_tree(tmp_path / "ml", {"data_path": str(data), "image_folder": str(tmp_path / "images"),
+                                            "model_name_or_path": str(tmp_path / "no-such-model")})
+    monkeypatch.setenv("SM_BASE_DIR", str(base))
+    caplog.set_level(logging.INFO)
+
+    assert main([]) == 2
+    failure = (base / "output" / "failure").read_text()
+    assert failure.startswith("Invalid input:") and "\n" not in failure
+    assert "row 2 (id 'ex-1'): 'conversations' must be a non-empty list" in failure
+    assert "row 4 (id 'ex-3'): image 'missing.png' not found" in failure
+    assert "no-such-model" not in failure  # the data was rejected before the model was even looked at
+    assert "Traceback" not in caplog.text
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--lora_enable", "True", "--lora_rank", "8"], "unknown command-line flag '--lora_rank'"),
+    (["--vision_tower", "openai/clip-vit-large-patch14-336"], "differs from the checkpoint's own vision tower"),
+    (["--mm_projector_type", "linear"], "does not match the checkpoint's projector (mlp2x_gelu)"),
+    (["--mm_vision_select_layer", "-1"], "differs from the checkpoint's vision_feature_layer -2"),
+])
+def test_config_and_model_flag_errors_write_the_failure_file(argv, expected, tmp_path, monkeypatch, dataset,
+                                                             tiny_artifact):
+    from train.__main__ import main
+
+    monkeypatch.setenv("SM_BASE_DIR", str(tmp_path / "ml"))
+    assert main(["--model_name_or_path", tiny_artifact, "--data_path", dataset["data"], "--image_folder",
+                 dataset["images"], "--output_dir", str(tmp_path / "out"), *argv]) == 2
+    assert expected in (tmp_path / "ml" / "output" / "failure").read_text()
+
+
+def test_a_crash_is_reported_as_our_failure_with_a_traceback(tmp_path, monkeypatch, dataset, tiny_artifact, caplog):
+    """Corrupt weights in an otherwise valid base: exit 1, the reason in the failure file, the traceback logged."""
+    from train.__main__ import main
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in Path(tiny_artifact).iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "model.safetensors").write_bytes(b"\x00" * 64)
+    monkeypatch.setenv("SM_BASE_DIR", str(tmp_path / "ml"))
+    caplog.set_level(logging.INFO)
+    assert main(["--model_name_or_path", str(broken), "--data_path", dataset["data"], "--image_folder",
+                 dataset["images"], "--output_dir", str(tmp_path / "out"), "--lora_enable", "True"]) == 1
+    assert (tmp_path / "ml" / "output" / "failure").read_text().startswith("Training failed (")
+    assert "Traceback" in caplog.text
+
+
+def test_killed_run_resumes_from_its_newest_complete_checkpoint(tmp_path, dataset, tiny_artifact):
+    out = tmp_path / "out"
+    argv = ["--model_name_or_path", tiny_artifact, "--data_path", dataset["data"], "--image_folder",
+            dataset["images"], "--lora_enable", "True", "--output_dir", str(out), "--max_steps", "6",
+            "--save_steps", "2", "--eval_generation", "False", *FAST_ARGS]
+    first = subprocess.Popen([sys.executable, "-m", "train", *argv], cwd=REPO, env=train_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "checkpoint-2" / "trainer_state.json").exists():
+            assert first.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
+            time.sleep(0.05)
+        first.send_signal(signal.SIGKILL)  # as a spot interruption would, mid-training
+    finally:
+        first.wait(timeout=60)
+    done = sorted(p.name for p in out.glob("checkpoint-*"))
+    assert "checkpoint-6" not in done
+    (out / "checkpoint-98").mkdir()  # a checkpoint whose save was cut short: no trainer state, no weights
+    (out / "checkpoint-98" / "adapter_config.json").write_text("{}")
+
+    second = run_train(argv)
+    assert second.returncode == 0, output_of(second)[-4000:]
+    resumed = re.search(r"resuming from \S+checkpoint-(\d+) \(step (\d+)\)", second.stdout)
+    assert resumed and resumed.group(1) == resumed.group(2) and int(resumed.group(1)) in (2, 4)
+    start = int(resumed.group(1))
+    steps = [int(s) for s in re.findall(r"\[train\] step=(\d+) ", second.stdout)]
+    assert steps == list(range(start + 1, 7))  # continues at the next step, never from 1
+    assert "skipping incomplete checkpoint" in second.stdout and "checkpoint-98" in second.stdout
+
+    import torch
+
+    final = out / "checkpoint-6"
+    assert trainer_state(final)["global_step"] == 6
+    optimizer = torch.load(final / "optimizer.pt", weights_only=False)
+    # AdamW counts its own steps: 6 only if the killed run's moments and count were loaded, else 6 - start.
+    assert {int(s["step"]) for s in optimizer["state"].values()} == {6}
+    assert (out / "model.safetensors").is_file()
+
+
+def test_deepspeed_zero2_two_cpu_processes_train_on_different_data(tmp_path, dataset, tiny_artifact):
+    out = tmp_path / "out"
+    proc = run_train(["--model_name_or_path", tiny_artifact, "--data_path", dataset["data"], "--image_folder",
+                      dataset["images"], "--lora_enable", "True", "--output_dir", str(out), "--max_steps", "2",
+                      "--save_steps", "2", "--deepspeed", "zero2", "--log_sample_ids", "True",
+                      "--eval_generation", "False", *FAST_ARGS],
+                     launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                               "2", "-m"], OMP_NUM_THREADS="1")
+    log = output_of(proc)
+    assert proc.returncode == 0, log[-4000:]
+    ids = {rank: [i for line in re.findall(rf"\[data\] rank={rank} ids=(\S+)", log) for i in line.split(",")]
+           for rank in (0, 1)}
+    assert len(ids[0]) == len(ids[1]) == 4  # 2 steps x batch 2 on each rank
+    assert not set(ids[0]) & set(ids[1]) and len(set(ids[0]) | set(ids[1])) == 8  # sharded, not duplicated
+    assert len(re.findall(r"\[train\] step=1 ", proc.stdout)) == 1  # log lines from the main process only
+    assert (out / "checkpoint-2" / "global_step2").is_dir()  # DeepSpeed's engine state: it really ran
+    assert (out / "model.safetensors").is_file() and (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_qlora_4bit_trains_and_merges_into_an_unquantised_base(tmp_path, dataset, tiny_artifact, monkeypatch,
+                                                               caplog):
+    """bitsandbytes' 4-bit layers also run on CPU (tiny dims are multiples of 64), so QLoRA is tested here too."""
+    from train.__main__ import main
+
+    monkeypatch.delenv("SM_BASE_DIR", raising=False)
+    caplog.set_level(logging.INFO)
+    out = tmp_path / "out"
+    assert main(["--model_name_or_path", tiny_artifact, "--data_path", dataset["data"], "--image_folder",
+                 dataset["images"], "--lora_enable", "True", "--bits", "4", "--output_dir", str(out),
+                 "--max_steps", "2", "--save_steps", "2", "--eval_generation", "False", *FAST_ARGS]) == 0
+    assert "bits=4" in caplog.text
+    merged = load_weights(out / "model.safetensors")
+    assert not any("absmax" in k or "quant" in k for k in merged)  # a plain checkpoint, not a 4-bit one
+    base = load_weights(Path(tiny_artifact) / "model.safetensors")
+    assert set(merged) == set(base) and all(merged[k].dtype == base[k].dtype for k in base)
+
+
+@pytest.mark.gpu
+def test_qlora_on_cuda_with_bf16(tmp_path, dataset, tiny_artifact):
+    proc = run_train(["--model_name_or_path", tiny_artifact, "--data_path", dataset["data"], "--image_folder",
+                      dataset["images"], "--lora_enable", "True", "--bits", "4", "--bf16", "True", "--output_dir",
+                      str(tmp_path / "out"), "--max_steps", "2", "--save_steps", "2", "--deepspeed", "zero2",
+                      "--validation_data_path", dataset["data"], *FAST_ARGS])
+    assert proc.returncode == 0, output_of(proc)[-4000:]
+    assert json.loads((tmp_path / "out" / "training_config.json").read_text())["merge_dtype"] == "torch.bfloat16"
+
+
+@pytest.mark.gpu
+def test_nccl_all_gpus_of_the_node(tmp_path, dataset, tiny_artifact):
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    proc = run_train(["--model_name_or_path", tiny_artifact, "--data_path", dataset["data"], "--image_folder",
+                      dataset["images"], "--lora_enable", "True", "--output_dir", str(tmp_path / "out"),
+                      "--max_steps", "2", "--deepspeed", "zero2", "--bf16", "True", "--log_sample_ids", "True",
+                      "--eval_generation", "False", *FAST_ARGS])  # no launcher: python -m train relaunches itself
+    assert proc.returncode == 0, output_of(proc)[-4000:]
+    assert "launching" in proc.stdout and "[data] rank=1 " in output_of(proc)
