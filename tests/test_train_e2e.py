@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -27,9 +28,10 @@ def lora_run(tmp_path_factory, tiny_artifact):
     proc = run_train(["--model_name_or_path", tiny_artifact, "--data_path", str(data), "--image_folder", str(images),
                       "--validation_data_path", str(data), "--lora_enable", "True", "--output_dir", str(out),
                       "--max_steps", "4", "--save_steps", "2", "--evaluation_strategy", "steps", "--eval_steps", "2",
-                      "--learning_rate", "5e-5", "--mm_projector_lr", "2e-3", *FAST_ARGS])
+                      "--learning_rate", "5e-5", "--mm_projector_lr", "2e-3", "--group_by_modality_length", "True",
+                      "--log_sample_ids", "True", *FAST_ARGS])
     assert proc.returncode == 0, output_of(proc)[-4000:]
-    return {"out": out, "images": images, "stdout": proc.stdout, "base": tiny_artifact}
+    return {"out": out, "data": data, "images": images, "stdout": proc.stdout, "base": tiny_artifact}
 
 
 def test_lora_trains_adapter_and_projector_and_leaves_the_base_alone(lora_run):
@@ -117,6 +119,23 @@ def test_metric_regexes_read_the_real_log(lora_run):
     report = json.loads((lora_run["out"] / "eval_report.json").read_text())
     assert metrics["eval_accuracy"] == [report["fine_tuned"]["overall"]["accuracy"]]
     assert metrics["base_eval_accuracy"] == [report["base"]["overall"]["accuracy"]]
+
+
+def test_group_by_modality_length_drives_the_training_order(lora_run):
+    from transformers import AutoProcessor
+
+    from train.data import load_examples
+    from train.labels import ExampleDataset
+    from train.sampler import grouped_indices
+
+    examples = load_examples(lora_run["data"], lora_run["images"])
+    dataset = ExampleDataset(examples, AutoProcessor.from_pretrained(lora_run["base"]), max_length=2048)
+    expected = [dataset[i].id for i in grouped_indices(dataset.modality_lengths, 2, 1, seed=42)]
+    batches = [ids.split(",") for ids in re.findall(r"\[data\] rank=0 ids=(\S+)", lora_run["stdout"])]
+    seen = [i for b in batches if len(b) == 2 for i in b]  # evaluation batches hold 4
+    assert seen == expected
+    text_only = {e.id for e in examples if e.image is None}
+    assert all(len({i in text_only for i in expected[k:k + 2]}) == 1 for k in range(0, 8, 2))  # never mixed
 
 
 def test_merge_cli_reproduces_the_artifact_from_a_checkpoint(lora_run, tmp_path):
