@@ -161,7 +161,7 @@ async def _invoke(state: ServerState, request: Request, started: float) -> JSONR
         items, is_batch = parse_json_body(body, max_instances=cfg.max_instances, max_new_tokens=cfg.max_new_tokens)
         batcher.check_room(len(items))
         requests = await run_in_threadpool(_requests_from_json, items, state.policy, deadline, is_batch,
-                                           shrink_for(batcher))
+                                           batcher.predictor)
     else:
         attributes = parse_qsl(request.headers.get(CUSTOM_ATTRIBUTES, ""), keep_blank_values=True)
         params = parse_raw_params(request.query_params.multi_items(), attributes,
@@ -169,8 +169,9 @@ async def _invoke(state: ServerState, request: Request, started: float) -> JSONR
         batcher.check_room(1)
         if not body:
             raise ApiError("invalid_image", "the body is empty; send the image bytes")
-        image = await run_in_threadpool(decode_image, body, cfg.max_image_pixels, shrink_for=shrink_for(batcher))
-        requests, is_batch = [_generation_request(params, image, deadline)], False
+        request = await run_in_threadpool(_request_from_image, body, params, cfg.max_image_pixels, deadline,
+                                          batcher.predictor)
+        requests, is_batch = [request], False
     outcomes = await batcher.submit(requests, deadline)
     for outcome in outcomes:
         if isinstance(outcome, ApiError):
@@ -194,21 +195,34 @@ async def read_body_capped(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def shrink_for(batcher: Batcher) -> Any:
-    """The model's image processor, so images are padded and shrunk on the request thread (serve.preshrink)."""
-    return getattr(batcher.predictor, "image_processor", None)
-
-
+# The request-thread half of the work: fetch/decode the image, shrink it for the model's image processor
+# (serve.preshrink), then render + tokenize + preprocess (Predictor.prepare), so the generation thread only
+# generates. Predictors without these hooks (e.g. test doubles) get the image as decoded.
 def _requests_from_json(items: list, policy: ImagePolicy, deadline: float, is_batch: bool,
-                        shrink: Any = None) -> list[GenerationRequest]:
+                        predictor: Any) -> list[GenerationRequest]:
+    shrink = getattr(predictor, "image_processor", None)
     requests = []
     for i, item in enumerate(items):
         try:
             image = load_image(item.image, policy, deadline=deadline, shrink_for=shrink)
+            requests.append(_prepared(predictor, _generation_request(item, image, deadline)))
         except ApiError as e:
-            raise ApiError(e.code, f"instances.{i}.image: {e.message}" if is_batch else e.message) from None
-        requests.append(_generation_request(item, image, deadline))
+            where = f"instances.{i}" + (".image" if e.code != "invalid_request" else "")
+            raise ApiError(e.code, f"{where}: {e.message}" if is_batch else e.message) from None
     return requests
+
+
+def _request_from_image(body: bytes, params: GenerationParams, max_pixels: int, deadline: float,
+                        predictor: Any) -> GenerationRequest:
+    image = decode_image(body, max_pixels, shrink_for=getattr(predictor, "image_processor", None))
+    return _prepared(predictor, _generation_request(params, image, deadline))
+
+
+def _prepared(predictor: Any, request: GenerationRequest) -> GenerationRequest:
+    prepare = getattr(predictor, "prepare", None)
+    if prepare is not None:
+        prepare(request)
+    return request
 
 
 def _generation_request(params: GenerationParams, image: Any, deadline: float) -> GenerationRequest:

@@ -56,6 +56,7 @@ class Batcher:
         self._queue: deque[_Item] = deque()
         self._cond = threading.Condition()
         self._closing = False
+        self._idle_since = 0.0  # when the generation thread last finished a batch
         self._thread = threading.Thread(target=self._run, name="generation", daemon=True)
 
     # ------------------------------------------------------------------ event-loop side
@@ -113,6 +114,7 @@ class Batcher:
                 return
             if batch:
                 self._run_batch(batch)
+            self._idle_since = time.monotonic()
 
     def _next_batch(self) -> list[_Item] | None:
         with self._cond:
@@ -120,8 +122,10 @@ class Batcher:
                 self._cond.wait()
             if self._closing:
                 return None
-            # Gather: wait until the batch is full or the oldest request has waited max_wait.
-            window_end = self._queue[0].enqueued + self.max_wait_s
+            # Gather until the batch is full or max_wait has passed since the oldest request arrived or, if it
+            # arrived while the previous batch ran, since that batch ended: otherwise the one request that came
+            # early would run alone while the rest of the next wave is still on its way.
+            window_end = max(self._queue[0].enqueued, self._idle_since) + self.max_wait_s
             while len(self._queue) < self.max_batch_size and not self._closing:
                 remaining = window_end - time.monotonic()
                 if remaining <= 0:

@@ -40,6 +40,7 @@ class GenerationRequest:
     stop: Sequence[str] = ()
     deadline: float | None = None  # time.monotonic() by which the answer is due
     cancelled: bool = field(default=False, compare=False)  # set when the caller gave up; the row stops
+    inputs: dict | None = field(default=None, compare=False, repr=False)  # Predictor.prepare's processor outputs
 
 
 @dataclass
@@ -67,7 +68,8 @@ class _Row:
 
 
 class Predictor:
-    """Batched generation on a loaded artifact. Not thread-safe: one thread (the batcher's) calls `predict`."""
+    """Batched generation on a loaded artifact. One thread (the batcher's) calls `predict`; any thread may call
+    `prepare`."""
 
     def __init__(self, loaded: LoadedModel, *, max_new_tokens_cap: int = 1024, accel: AccelConfig | None = None):
         self.loaded = loaded
@@ -113,6 +115,23 @@ class Predictor:
                                                          add_generation_prompt=True, tokenize=False)
 
     # ------------------------------------------------------------------ preparation
+    def prepare(self, req: GenerationRequest) -> None:
+        """Render the prompt, tokenize and preprocess the image now, on the calling thread (the request's), so the
+        generation thread only generates. Raises ApiError for a prompt the model's context cannot hold.
+        Safe to call from several threads; `predict` does it itself for requests that skipped it."""
+        req.inputs = self._encode(req)
+
+    def _encode(self, req: GenerationRequest) -> dict[str, Any]:
+        prompt = self.render_prompt(req.question, with_image=req.image is not None)
+        images = [req.image] if req.image is not None else None
+        inputs = dict(self.loaded.processor(images=images, text=[prompt], return_tensors="pt"))
+        prompt_tokens = int(inputs["input_ids"].shape[1])
+        context = self.loaded.max_positions
+        if context is not None and prompt_tokens >= context:
+            raise ApiError("invalid_request", f"the prompt is {prompt_tokens} tokens (image included); the "
+                                              f"model's context is {context}: ask a shorter question")
+        return inputs
+
     def _prepare(self, index: int, req: GenerationRequest) -> _Row:
         if req.cancelled or (req.deadline is not None and time.monotonic() > req.deadline):
             raise ApiError("timeout", "the request ran out of its time budget before generation started")
@@ -120,16 +139,10 @@ class Predictor:
         if max_new > self.max_new_tokens_cap:
             raise ApiError("invalid_request", f"max_new_tokens={max_new} is over this server's cap of "
                                               f"{self.max_new_tokens_cap}")
-        prompt = self.render_prompt(req.question, with_image=req.image is not None)
-        images = [req.image] if req.image is not None else None
-        inputs = dict(self.loaded.processor(images=images, text=[prompt], return_tensors="pt"))
+        inputs = req.inputs if req.inputs is not None else self._encode(req)
         prompt_tokens = int(inputs["input_ids"].shape[1])
-        context = self.loaded.max_positions
-        if context is not None:
-            if prompt_tokens >= context:
-                raise ApiError("invalid_request", f"the prompt is {prompt_tokens} tokens (image included); the "
-                                                  f"model's context is {context}: ask a shorter question")
-            max_new = min(max_new, context - prompt_tokens)
+        if self.loaded.max_positions is not None:
+            max_new = min(max_new, self.loaded.max_positions - prompt_tokens)
         temperature = self.default_temperature if req.temperature is None else float(req.temperature)
         top_p = self.default_top_p if req.top_p is None else float(req.top_p)
         return _Row(index, inputs, prompt_tokens, temperature, top_p, max_new, tuple(s for s in req.stop if s))

@@ -97,11 +97,15 @@ def running_server(app, port: int | None = None):
 
 
 class RecordingPredictor:
-    """The real predictor, recording the size of every batch it is given."""
+    """The real predictor (its request-thread hooks `prepare` and `image_processor` included), recording the size
+    of every batch it is given."""
 
     def __init__(self, inner):
         self.inner = inner
         self.batch_sizes: list[int] = []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
     def predict(self, requests, on_result=None):
         self.batch_sizes.append(len(requests))

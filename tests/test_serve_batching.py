@@ -78,13 +78,13 @@ def test_a_bad_request_in_a_batch_fails_alone(batched, tiny_loaded):
     good = [payload(i) for i in (5, 6, 7)]
     expected = [post(base, b).json()["answer"] for b in good]
     recorder.batch_sizes.clear()
-    too_long = payload(1, question="word " * (tiny_loaded.max_positions + 5))  # fails inside the predictor
-    bad_image = payload(2, image="bm90IGFuIGltYWdl")  # fails before it is queued
+    too_long = payload(1, question="word " * (tiny_loaded.max_positions + 5))  # fails in Predictor.prepare
+    bad_image = payload(2, image="bm90IGFuIGltYWdl")  # fails while decoding
     out = concurrently(base, [good[0], too_long, good[1], bad_image, good[2]])
     assert [r.status_code for r in out] == [200, 400, 200, 400, 200]
     assert out[1].json()["error"]["code"] == "invalid_request" and out[3].json()["error"]["code"] == "invalid_image"
     assert [out[i].json()["answer"] for i in (0, 2, 4)] == expected
-    assert max(recorder.batch_sizes) > 1  # the failing row shared its batch with good ones
+    assert max(recorder.batch_sizes) > 1  # the good ones still shared a batch
 
 
 def test_full_queue_answers_503_quickly_and_ping_stays_up(tiny_loaded, tiny_artifact):

@@ -186,3 +186,15 @@ def test_adapter_dir_is_merged_at_load(tiny_artifact, tmp_path, caplog):
         assert torch.equal(loaded.model.state_dict()[name], tensor), name
     plain = Predictor(load_artifact(tiny_artifact)).predict([greedy(1)])[0]
     assert Predictor(loaded).predict([greedy(1)])[0] != plain
+
+
+def test_prepare_on_other_threads_changes_nothing(tiny_predictor, tiny_loaded):
+    from concurrent.futures import ThreadPoolExecutor
+
+    rows = [greedy(i) for i in range(len(QUESTIONS))]
+    with ThreadPoolExecutor(4) as pool:  # the request threads prepare concurrently
+        list(pool.map(tiny_predictor.prepare, rows))
+    assert all(r.inputs is not None for r in rows)
+    assert tiny_predictor.predict(rows) == tiny_predictor.predict([greedy(i) for i in range(len(QUESTIONS))])
+    with pytest.raises(ApiError, match="context"):
+        tiny_predictor.prepare(GenerationRequest(image=image(0), question="word " * tiny_loaded.max_positions))
