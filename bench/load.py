@@ -5,9 +5,10 @@
 
 For each concurrency level, that many client threads (keep-alive connections, stdlib only, so the generator
 itself costs little CPU) send a bounded number of POST /invocations (JSON: base64 chart image + question,
-greedy) while one more thread pings GET /ping every 50 ms. Reported per level: requests/s, output tokens/s (from
+greedy) while a separate process pings GET /ping every 50 ms. Reported per level: requests/s, output tokens/s (from
 each reply's usage.completion_tokens), TTFT and latency p50/p99, the server's own latency_ms p50, /ping p50/p99,
 errors by status and code, and peak server RSS (sampled from /proc/PID when --server-pid is given, or psutil).
+The pinger runs in its own process, so its numbers are the server's, not the client threads' GIL queue.
 
 TTFT: the server answers non-streaming JSON, so the first byte arrives with the whole answer and TTFT here is the
 time to the response headers, i.e. the full latency minus the body transfer (~= latency). Loopback only.
@@ -19,6 +20,7 @@ import argparse
 import base64
 import http.client
 import json
+import multiprocessing
 import threading
 import time
 from collections import Counter
@@ -158,7 +160,6 @@ def run_level(url: str, bodies: list[bytes], concurrency: int, requests: int, *,
     result = LevelResult(concurrency)
     lock = threading.Lock()
     counter = iter(range(requests))
-    stop = threading.Event()
 
     def worker() -> None:
         client = Client(url, timeout_s)
@@ -174,29 +175,14 @@ def run_level(url: str, bodies: list[bytes], concurrency: int, requests: int, *,
         finally:
             client.close()
 
-    def pinger() -> None:
-        client = Client(url, 5.0)
-        peak = rss_mib(server_pid)
-        try:
-            while not stop.wait(PING_INTERVAL_S):
-                try:
-                    healthy = client.request("GET", "/ping")[0] == 200
-                except (OSError, http.client.HTTPException):
-                    healthy = False
-                if healthy:
-                    result.pings_ms.append(client.last_ms)
-                else:
-                    result.ping_failures += 1
-                rss = rss_mib(server_pid)
-                if rss is not None:
-                    peak = max(peak or 0.0, rss)
-        finally:
-            client.close()
-            result.peak_rss_mib = peak
-
     threads = [threading.Thread(target=worker, name=f"load-{k}", daemon=True) for k in range(concurrency)]
-    ping_thread = threading.Thread(target=pinger, name="ping", daemon=True)
-    ping_thread.start()
+    # The pinger is its own process: in this one it would wait for the GIL behind `concurrency` client threads
+    # and report the load generator's latency instead of the server's.
+    ctx = multiprocessing.get_context("spawn")
+    stop, ready, queue = ctx.Event(), ctx.Event(), ctx.Queue()
+    pinger = ctx.Process(target=ping_loop, args=(url, server_pid, stop, ready, queue), name="ping", daemon=True)
+    pinger.start()
+    ready.wait(timeout=60)  # the load starts once the pinger is pinging
     start = time.perf_counter()
     for t in threads:
         t.start()
@@ -204,8 +190,36 @@ def run_level(url: str, bodies: list[bytes], concurrency: int, requests: int, *,
         t.join()
     result.wall_s = time.perf_counter() - start
     stop.set()
-    ping_thread.join()
+    result.pings_ms, result.ping_failures, result.peak_rss_mib = queue.get(timeout=30)
+    pinger.join(timeout=10)
     return result
+
+
+def ping_loop(url: str, server_pid: int | None, stop: Any, ready: Any, queue: Any) -> None:
+    """GET /ping every 50 ms until `stop`, sampling the server's RSS; puts (ping ms list, failures, peak MiB)."""
+    client = Client(url, 5.0)
+    pings: list[float] = []
+    failures = 0
+    peak = rss_mib(server_pid)
+    try:
+        while True:
+            try:
+                healthy = client.request("GET", "/ping")[0] == 200
+            except (OSError, http.client.HTTPException):
+                healthy = False
+            if healthy:
+                pings.append(client.last_ms)
+            else:
+                failures += 1
+            rss = rss_mib(server_pid)
+            if rss is not None:
+                peak = max(peak or 0.0, rss)
+            ready.set()
+            if stop.wait(PING_INTERVAL_S):
+                break
+    finally:
+        client.close()
+        queue.put((pings, failures, peak))
 
 
 def sweep(url: str, levels: tuple[int, ...], *, requests: int | None, max_new_tokens: int, images: int,
