@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
 # Builds the serving and/or training image with docker or podman: the GPU images by default, the CPU variant with --cpu.
 #
-#   container/build.sh                      # both GPU images: llava-sm-serve:latest, llava-sm-train:latest
+#   container/build.sh                      # both GPU images (CUDA 12.6): llava-sm-serve:latest, llava-sm-train:latest
 #   container/build.sh serve --cpu          # CPU serving image: llava-sm-serve:cpu
 #   container/build.sh train --flash-attn flash-attn==2.8.3
 #   container/build.sh all --cpu --base localhost/llava-sm/debian:bookworm --torch-index none --host-pip  # our CI
 #
 # Options:
+#   --cuda VERSION        12.6 (default: CUDA 12.6 base, torch 2.13.0+cu126) or 13.0 (CUDA 13.0 base, PyPI's torch
+#                         2.13.0 = cu130; needs NVIDIA driver >= 580, e.g. SageMaker AMI al2023-...-gpu-4-1)
 #   --cpu                 CPU variant: debian:bookworm-slim base, torch==2.13.0+cpu from the PyTorch CPU index
 #   --engine E            docker or podman (default: $CONTAINER_ENGINE, else podman if installed, else docker)
 #   --name PREFIX         image name prefix (default llava-sm: llava-sm-serve, llava-sm-train)
 #   --tag TAG             image tag (default: latest, or cpu with --cpu)
 #   --base IMAGE          BASE_IMAGE build arg (default: the Dockerfile's CUDA base, or debian:bookworm-slim with --cpu)
-#   --torch-spec SPEC     TORCH_SPEC build arg (default: the Dockerfile's torch==2.13.0, or torch==2.13.0+cpu with --cpu)
+#   --torch-spec SPEC     TORCH_SPEC build arg (default: the Dockerfile's torch==2.13.0+cu126, or +cpu with --cpu)
 #   --torch-index URL     TORCH_INDEX_URL build arg, an extra index for torch only; `none` for no extra index
 #   --flash-attn SPEC     FLASH_ATTN_SPEC build arg for the training image (default: none, sdpa attention)
 #   --ca-bundle FILE      CA bundle for pip behind a TLS-intercepting proxy (a build secret, not kept in the image)
 #   --host-pip            use this host's pip configuration (indexes, wheel folders, CA bundle) inside the build;
 #                         local folders are mounted read-only (podman only)
+#   --dry-run             print the build commands instead of running them
 #   -- ARGS               passed to `<engine> build` as they are (e.g. -- --network host --no-cache)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,13 +32,14 @@ CPU_TORCH_INDEX=https://download.pytorch.org/whl/cpu
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2; exit "${1:-2}"; }
 die() { echo "build.sh: $*" >&2; exit 2; }
 
-targets=() cpu=0 engine=${CONTAINER_ENGINE:-} name=llava-sm tag="" base="" torch_spec="" torch_index=""
-torch_index_set=0 flash_attn="" ca_bundle="" host_pip=0 passthrough=()
+targets=() cpu=0 cuda=12.6 engine=${CONTAINER_ENGINE:-} name=llava-sm tag="" base="" torch_spec="" torch_index=""
+torch_index_set=0 flash_attn="" ca_bundle="" host_pip=0 dry_run=0 passthrough=()
 while [ "$#" -gt 0 ]; do
     case "$1" in
         serve | train) targets+=("$1") ;;
         all) targets+=(serve train) ;;
         --cpu) cpu=1 ;;
+        --cuda) cuda=${2:?--cuda needs a value}; shift ;;
         --engine) engine=${2:?--engine needs a value}; shift ;;
         --name) name=${2:?--name needs a value}; shift ;;
         --tag) tag=${2:?--tag needs a value}; shift ;;
@@ -45,6 +49,7 @@ while [ "$#" -gt 0 ]; do
         --flash-attn) flash_attn=${2:?--flash-attn needs a value}; shift ;;
         --ca-bundle) ca_bundle=${2:?--ca-bundle needs a value}; shift ;;
         --host-pip) host_pip=1 ;;
+        --dry-run) dry_run=1 ;;
         -h | --help) usage 0 ;;
         --) shift; passthrough=("$@"); break ;;
         *) echo "build.sh: unknown argument: $1" >&2; usage ;;
@@ -57,12 +62,22 @@ if [ -z "$engine" ]; then
     if command -v podman >/dev/null; then engine=podman; elif command -v docker >/dev/null; then engine=docker; fi
 fi
 case "$engine" in
-    podman | docker) command -v "$engine" >/dev/null || die "$engine is not installed" ;;
+    podman | docker) [ "$dry_run" = 1 ] || command -v "$engine" >/dev/null || die "$engine is not installed" ;;
     "") die "neither podman nor docker is installed" ;;
     *) die "--engine must be docker or podman, not $engine" ;;
 esac
 
 build_args=()
+case "$cuda" in
+    12.6) ;;  # the Dockerfiles' defaults
+    13.0)
+        [ "$cpu" = 0 ] || die "--cuda and --cpu exclude each other"
+        cuda_base=nvidia/cuda:13.0.2-RUNTIME-ubuntu24.04
+        torch_spec=${torch_spec:-torch==2.13.0}
+        [ "$torch_index_set" = 1 ] || { torch_index=none; torch_index_set=1; }
+        ;;
+    *) die "--cuda must be 12.6 or 13.0, not $cuda" ;;
+esac
 if [ "$cpu" = 1 ]; then
     base=${base:-$CPU_BASE}
     torch_spec=${torch_spec:-$CPU_TORCH_SPEC}
@@ -130,12 +145,21 @@ fi
 for target in "${targets[@]}"; do
     image="$name-$target:$tag"
     extra=()
+    if [ -n "${cuda_base:-}" ] && [ -z "$base" ]; then  # runtime base to serve, devel base (nvcc) to train
+        flavour=$([ "$target" = train ] && echo devel || echo runtime)
+        extra+=(--build-arg "BASE_IMAGE=${cuda_base/RUNTIME/$flavour}")
+    fi
     if [ "$target" = train ]; then
         [ -z "$flash_attn" ] || extra+=(--build-arg "FLASH_ATTN_SPEC=$flash_attn")
     fi
+    command=("$engine" build -f "Dockerfile.$target" -t "$image" "${build_args[@]}" "${extra[@]}" "${secrets[@]}"
+        "${passthrough[@]}" .)
+    if [ "$dry_run" = 1 ]; then
+        echo "+ ${command[*]}"
+        continue
+    fi
     echo "== building $image with $engine (Dockerfile.$target)"
     start=$SECONDS
-    "$engine" build -f "Dockerfile.$target" -t "$image" "${build_args[@]}" "${extra[@]}" "${secrets[@]}" \
-        "${passthrough[@]}" .
+    "${command[@]}"
     echo "== built $image in $((SECONDS - start)) s"
 done

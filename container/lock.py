@@ -2,9 +2,9 @@
 
 Each lock is a dependency closure with every package pinned to the version installed in the current environment (the
 project's .venv, where the test suite passes): `torch` = what torch needs, `serve`/`train` = the project's base
-dependencies plus that extra. torch itself is never pinned here: the Dockerfiles install it first, in a layer both images
-share, from the TORCH_SPEC build arg (the CUDA build by default, the CPU build for --cpu) constrained by the torch lock;
-the CUDA packages torch pins exactly come with it.
+dependencies plus that extra. torch itself is never pinned here: the Dockerfiles install it first, in a layer both
+images share, from the TORCH_SPEC build arg (the CUDA build by default, the CPU build for --cpu), constrained by the
+torch lock; the CUDA packages torch pins exactly come with it.
 
     python container/lock.py           # rewrite the locks from the active environment
     python container/lock.py --check   # exit 1 and name the drift when a lock no longer matches (tests run this)

@@ -32,7 +32,10 @@ while [ "$#" -gt 0 ]; do
     esac
     shift
 done
-[ -n "$model" ] || { echo "run-local.sh: which model dir? (a saved artifact: config.json, model.safetensors, ...)" >&2; usage; }
+if [ -z "$model" ]; then
+    echo "run-local.sh: which model dir? (a saved artifact: config.json, model.safetensors, ...)" >&2
+    usage
+fi
 [ -f "$model/config.json" ] || die "$model has no config.json: not a model dir"
 [[ $port =~ ^[0-9]+$ ]] || die "--port must be a number, not $port"
 model=$(cd "$model" && pwd)

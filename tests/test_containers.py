@@ -68,7 +68,9 @@ def test_dockerfiles_share_the_torch_layers_and_pin_the_projects_torch():
     assert shared(serve) == shared(train), "the layers before the marker must stay identical to be shared"
     pin = next(line for line in (REPO / "constraints.txt").read_text().splitlines() if line.startswith("torch=="))
     for text in (serve, train):
-        assert f"ARG TORCH_SPEC={pin}\n" in text
+        assert f"ARG TORCH_SPEC={pin}+cu126\n" in text
+        assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126\n" in text
+        assert "ARG BASE_IMAGE=nvidia/cuda:12.6." in text  # the CUDA of the torch build (DeepSpeed's nvcc checks it)
     assert "ARG BASE_IMAGE=nvidia/cuda:" in serve and "-runtime-" in serve
     assert "ARG BASE_IMAGE=nvidia/cuda:" in train and "-devel-" in train
 
@@ -94,6 +96,26 @@ def test_entrypoint_dispatches_serve_and_train_to_the_project():
     assert serve.returncode == 2 and "SERVE_QUANTIZATION='int3'" in serve.stderr
     train = _run(["sh", script, "train", "--no_such_flag", "1"], env=_venv_env(SM_BASE_DIR=str(REPO / "nowhere")))
     assert train.returncode == 2 and "no_such_flag" in train.stdout + train.stderr
+
+
+def test_build_script_composes_the_variants():
+    def commands(*args: str) -> list[str]:
+        proc = _run(["bash", "container/build.sh", *args, "--dry-run"])
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.splitlines()
+
+    serve, train = commands("--engine", "docker")  # the Dockerfiles' CUDA 12.6 defaults
+    assert serve.startswith("+ docker build -f Dockerfile.serve -t llava-sm-serve:latest") and "--build-arg" not in serve
+    serve, train = commands("all", "--cuda", "13.0", "--engine", "docker", "--flash-attn", "flash-attn==2.8.3")
+    assert "BASE_IMAGE=nvidia/cuda:13.0.2-runtime-ubuntu24.04" in serve and "FLASH_ATTN" not in serve
+    assert "BASE_IMAGE=nvidia/cuda:13.0.2-devel-ubuntu24.04" in train and "FLASH_ATTN_SPEC=flash-attn==2.8.3" in train
+    assert all("TORCH_SPEC=torch==2.13.0 " in c and "TORCH_INDEX_URL= " in c for c in (serve, train))
+    [cpu] = commands("serve", "--cpu", "--engine", "podman")
+    assert "-t llava-sm-serve:cpu" in cpu and "--format docker" in cpu  # podman keeps HEALTHCHECK only so
+    assert "BASE_IMAGE=debian:bookworm-slim" in cpu and "TORCH_SPEC=torch==2.13.0+cpu" in cpu
+    assert "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in cpu
+    both = _run(["bash", "container/build.sh", "--cpu", "--cuda", "13.0", "--dry-run"])
+    assert both.returncode == 2 and "exclude each other" in both.stderr
 
 
 def test_local_scripts_report_every_bad_argument(tmp_path):
@@ -232,7 +254,7 @@ def _ping(base: str) -> bool:
 TRAIN_HPS = {"lora_enable": "true", "lora_r": "8", "lora_alpha": "16", "max_steps": "2", "save_steps": "2",
              "logging_steps": "1", "per_device_train_batch_size": "2", "learning_rate": "1e-3", "warmup_ratio": "0",
              "gradient_checkpointing": "false", "eval_generation": "false", "dataloader_num_workers": "0",
-             "image_folder": "/opt/ml/input/data/train/images"}
+             "image_folder": "/opt/ml/input/data/train/images", "deepspeed": "zero2"}
 
 
 def _train(engine, image, ml: Path, channels: dict[str, str], hps: dict[str, str], log: Path):
@@ -262,6 +284,7 @@ def test_training_image_trains_and_leaves_a_servable_merged_model(engine, images
         assert (model / name).is_file(), name
     record = json.loads((model / "training_config.json").read_text())
     assert record["lora_enable"] is True and record["global_step"] == 2
+    assert record["deepspeed"] == "/opt/program/container/deepspeed/zero2.json"  # the preset shipped in the image
     assert json.loads((ml / "input" / "config" / "hyperparameters.json").read_text()) == TRAIN_HPS
     assert (ml / "checkpoints" / "checkpoint-2").is_dir()
 
