@@ -98,54 +98,70 @@ def draw_chart(chart: Chart, path: str) -> None:
     """Render `chart` to a PNG of exactly style.width x style.height pixels.
 
     Text that would leave the image or overlap other text (long labels, small images) is shrunk step by step,
-    so every label a question names stays on the image.
+    so every label a question names stays on the image. The figure is drawn once per step and the last drawing
+    is written as is (no second render for saving): drawing is most of the generator's time.
     """
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from PIL import Image
 
     s = chart.style
-    fig = plt.figure(figsize=(s.width / DPI, s.height / DPI), dpi=DPI, facecolor=s.background)
-    try:
-        with plt.rc_context({"font.family": s.font}):
-            for scale in _FIT_SCALES:
-                fig.clear()
-                _draw_once(fig, chart, scale)
-                if _text_fits(fig):
-                    break
-            fig.savefig(path, dpi=DPI, facecolor=s.background, metadata={"Software": None})
-    finally:
-        plt.close(fig)
+    fig = Figure(figsize=(s.width / DPI, s.height / DPI), dpi=DPI, facecolor=s.background)
+    canvas = FigureCanvasAgg(fig)
+    with matplotlib.rc_context({"font.family": s.font}):
+        ax = fig.add_axes(_axes_box(chart, 1.0))
+        ax.set_facecolor(s.background)
+        _DRAW[chart.kind](ax, chart, _pt(s.label_px))
+        _fit_pie(ax, chart, 1.0)
+        title = fig.text(_TITLE_X[s.title_loc], 0.985, chart.title, ha=s.title_loc, va="top",
+                         fontsize=_pt(s.title_px), weight="bold")
+        for scale in _FIT_SCALES:
+            if scale < 1.0:
+                _rescale(ax, chart, scale)
+            canvas.draw()
+            width = title.get_window_extent(canvas.get_renderer()).width
+            if width > 0.96 * s.width:  # a long title shrinks on its own, not with the labels
+                title.set_fontsize(title.get_fontsize() * 0.95 * s.width / width)
+                canvas.draw()
+            if _text_fits(fig, canvas.get_renderer()):
+                break
+        rgba = canvas.buffer_rgba()
+        Image.frombuffer("RGBA", (rgba.shape[1], rgba.shape[0]), bytes(rgba), "raw", "RGBA", 0, 1) \
+            .convert("RGB").save(path, format="PNG")
 
 
 _FIT_SCALES = (1.0, 0.85, 0.72, 0.6, 0.5)
 
 
-def _draw_once(fig, chart: Chart, scale: float) -> None:
-    s = chart.style
-    ax = fig.add_axes(_axes_box(chart, scale))
-    ax.set_facecolor(s.background)
-    _DRAW[chart.kind](ax, chart, _pt(s.label_px * scale))
-    if chart.kind in ("pie", "donut") and not s.legend:
-        room = 1.25 + 1.6 * (1.0 - scale)  # a smaller pie leaves room for the labels around it
+def _rescale(ax, chart: Chart, scale: float) -> None:
+    """Every label at `scale` times its size; pies shrink and legends narrow to make room."""
+    size = _pt(chart.style.label_px * scale)
+    ax.tick_params(labelsize=size)
+    legend = ax.get_legend()
+    for text in list(ax.texts) + (legend.get_texts() if legend else []):
+        text.set_fontsize(size)
+    ax.set_position(_axes_box(chart, scale))
+    _fit_pie(ax, chart, scale)
+
+
+def _fit_pie(ax, chart: Chart, scale: float) -> None:
+    if chart.kind in ("pie", "donut") and not chart.style.legend:
+        # Axis half-range so that radius * 1.08 (where labels start) + the longest label fits in the axes
+        # (DejaVu glyphs average ~0.62 em); a smaller pie leaves room for the labels around it.
+        half_width = 0.76 * chart.style.width / 2
+        label = 0.62 * chart.style.label_px * scale * max(len(f"{lab} 100%") for lab in chart.labels)
+        room = min(2.6, max(1.25, 1.08 / max(0.1, 1.0 - label / half_width)))
         ax.set_xlim(-room, room)
         ax.set_ylim(-room, room)
-    title = fig.text(_TITLE_X[s.title_loc], 0.985, chart.title, ha=s.title_loc, va="top",
-                     fontsize=_pt(s.title_px), weight="bold")
-    fig.draw_without_rendering()
-    width = title.get_window_extent().width
-    if width > 0.96 * s.width:  # long titles shrink on their own, not with the labels
-        title.set_fontsize(title.get_fontsize() * 0.96 * s.width / width)
 
 
-def _text_fits(fig) -> bool:
-    """True when every visible text lies inside the image and no two texts overlap."""
+def _text_fits(fig, renderer) -> bool:
+    """True when every visible text lies inside the image and no two texts overlap (after a draw)."""
     from matplotlib.text import Text
 
-    fig.draw_without_rendering()
     width, height = fig.bbox.width, fig.bbox.height
-    boxes = [t.get_window_extent().expanded(1.0, 1.0).padded(1.0)
+    boxes = [t.get_window_extent(renderer).expanded(1.0, 1.0).padded(1.0)
              for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
     for box in boxes:
         if box.x0 < 0 or box.y0 < 0 or box.x1 > width or box.y1 > height:
@@ -174,7 +190,10 @@ def _axes_box(chart: Chart, scale: float) -> list[float]:
         return [0.12, 0.06, 0.76, top - 0.08]
     if chart.kind == "funnel":
         return [0.02, 0.02, 0.96, top - 0.03]
-    left = 0.3 if chart.kind == "hbar" else 0.06
+    left = 0.06
+    if chart.kind == "hbar":  # room for the longest label (DejaVu glyphs average ~0.62 em) at the current scale
+        longest = max(len(label) for label in chart.labels)
+        left = min(0.45, (0.62 * s.label_px * scale * longest + 6) / s.width)
     bottom = (s.label_px * 2.0) / s.height if chart.kind in ("bar", "line") else 0.04
     return [left, bottom, 0.97 - left, top - bottom - 0.02]
 
@@ -182,7 +201,7 @@ def _axes_box(chart: Chart, scale: float) -> list[float]:
 def _pie(ax, chart: Chart, fontsize: float, width: float | None = None) -> None:
     shares = percentages(chart.values)
     colours = [_hex(chart, i) for i in range(len(chart.values))]
-    wedge = {"width": width, "edgecolor": chart.style.background} if width else {"edgecolor": chart.style.background}
+    wedge = {"edgecolor": chart.style.background, "linewidth": 0.5, **({"width": width} if width else {})}
     legend = chart.style.legend
     wedges, _ = ax.pie(chart.values, colors=colours, startangle=chart.style.start_angle, counterclock=False,
                        labels=None if legend else [f"{lab} {p}%" for lab, p in zip(chart.labels, shares)],

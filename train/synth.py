@@ -132,7 +132,7 @@ def random_style(rng: random.Random, kind: str, n: int, config: SynthConfig) -> 
     width, height = (long_side, short_side) if rng.random() < 0.7 else (short_side, long_side)
     small = long_side < 200  # small images get relatively larger text, or nothing would be legible
     title_px = long_side * (rng.uniform(0.14, 0.15) if small else rng.uniform(0.045, 0.065))
-    label_px = max(9.0, long_side * (rng.uniform(0.09, 0.1) if small else rng.uniform(0.03, 0.04)))
+    label_px = max(7.0, long_side * (rng.uniform(0.075, 0.085) if small else rng.uniform(0.03, 0.04)))
     pies = kind in ("pie", "donut")
     colours = tuple(rng.sample(COLOUR_NAMES, min(n, len(COLOUR_NAMES)))) if pies else (rng.choice(COLOUR_NAMES),)
     return Style(width=width, height=height, font=rng.choice(FONTS), title_px=title_px, label_px=label_px,
