@@ -33,6 +33,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
     # Before the model is loaded: under ZeRO-3 the arguments make from_pretrained partition weights as it loads.
     args = training_arguments(cfg, use_cpu=not runtime["cuda"], tf32=runtime["tf32"])
+    if cfg.deepspeed:
+        init_deepspeed_comm(args, cuda=runtime["cuda"])
     processor = load_training_processor(cfg)
     trainer = make_trainer(cfg, args, processor, examples, val_examples)
     resume = find_resume(cfg)
@@ -73,6 +75,15 @@ def prepare_runtime(cfg: TrainConfig) -> dict[str, Any]:
         tf32 = None
     check_trackers(cfg)
     return {"cuda": cuda, "tf32": tf32}
+
+
+def init_deepspeed_comm(args: Any, *, cuda: bool) -> None:
+    """Join DeepSpeed's communicator to the process group before the model loads: ZeRO-3's zero.Init reads the
+    world size from it (else it sees 1 and rejects the batch sizes the Trainer filled in for all ranks)."""
+    import deepspeed
+
+    _ = args.device  # sets up accelerate's process group first
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
 
 
 def check_trackers(cfg: TrainConfig) -> None:
