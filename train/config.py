@@ -55,7 +55,8 @@ class TrainConfig:
     data_path: str | None = _f(None, "training data, LLaVA JSON or JSONL; default: SageMaker channel 'train'")
     validation_data_path: str | None = _f(None, "validation data; default: SageMaker channel 'validation'")
     image_folder: str | None = _f(None, "folder the data's image paths are relative to; default: the data's folder")
-    model_max_length: int = _f(2048, "maximum tokens per example, image tokens included; longer rows are skipped")
+    model_max_length: int = _f(2048, "tokens per example, image tokens included; longer rows are cut (dropped "
+                                     "when the image or every answer would be cut)")
     lazy_preprocess: bool = _f(True, "accepted for compatibility: preprocessing is always lazy")
     group_by_modality_length: bool = _f(False, "batch image and text-only examples separately, by similar length")
     dataloader_num_workers: int = _f(0, "data loader worker processes")
@@ -72,7 +73,7 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "gradient clipping")
     bf16: bool = _f(False, "bfloat16 mixed precision (Ampere or newer)")
     fp16: bool = _f(False, "float16 mixed precision (older GPUs)")
-    tf32: bool | None = _f(None, "allow TF32 matmuls (Ampere or newer; a note elsewhere)")
+    tf32: bool | None = _f(None, "allow TF32 matmuls (Ampere or newer; ignored with a warning elsewhere)")
     gradient_checkpointing: bool = _f(True, "recompute activations in the backward pass to save memory")
     deepspeed: str | None = _f(None, "DeepSpeed config: a JSON file or zero2 | zero3 | zero3_offload")
     seed: int = _f(42, "random seed")
