@@ -38,6 +38,10 @@ BLANK_GREY = 128
 Answerer = Callable[[list[dict[str, Any]], bool], list[str]]
 
 
+class EvalFailed(RuntimeError):
+    """No question got an answer (server down, wrong endpoint): there is nothing to score."""
+
+
 @dataclasses.dataclass
 class EvalOptions:
     data: str | None = option(help="LLaVA JSON/JSONL validation file (e.g. data/validation/dataset.json)",
@@ -59,6 +63,7 @@ class EvalOptions:
     quantization: str = option("none", "--model-dir weights: none (fp32), bf16, fp16, nf4 or auto")
     device: str | None = option(help="--model-dir device: cpu, cuda (default: cuda when available)")
     timeout: float = option(120.0, "seconds per request (--url / --endpoint-name)")
+    retries: int = option(3, "extra attempts after a connection failure or a busy (503) server")
     region: str | None = option(help="AWS region (--endpoint-name)")
     profile: str | None = option(help="AWS named profile (--endpoint-name)")
     endpoint_url: str | None = option(help="SageMaker runtime endpoint URL override")
@@ -80,7 +85,7 @@ class EvalOptions:
             p.append(f"quantization: {self.quantization!r} is not one of none, bf16, fp16, nf4, auto")
         p += o.check_range("limit", self.limit, 1) + o.check_range("max_new_tokens", self.max_new_tokens, 1)
         p += o.check_range("batch_size", self.batch_size, 1) + o.check_range("concurrency", self.concurrency, 1)
-        p += o.check_range("timeout", self.timeout, 0.001)
+        p += o.check_range("timeout", self.timeout, 0.001) + o.check_range("retries", self.retries, 0)
         return p
 
     def source(self) -> str:
@@ -191,7 +196,8 @@ def remote_answerer(opts: EvalOptions, errors: list[str]) -> Answerer:
     def one(q: dict, use_blank: bool) -> str:
         try:
             return predict(blank if use_blank else Path(q["image"]).read_bytes(), q["question"], temperature=0.0,
-                           max_new_tokens=opts.max_new_tokens, timeout=opts.timeout, **target)
+                           max_new_tokens=opts.max_new_tokens, timeout=opts.timeout, retries=opts.retries,
+                           **target)
         except ClientError as e:
             errors.append(f"{q['id']}: {e}")
             return ""
@@ -235,7 +241,10 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
     runs, predictions = {}, []
     for use_blank in (False, True) if opts.blank else (False,):
         run_name = name + (BLANK_SUFFIX if use_blank else "")
+        failed_before = len(errors)
         answers = ask_all(questions, answer, use_blank, chunk, run_name)
+        if len(errors) - failed_before >= len(questions):
+            raise EvalFailed(f"all {len(questions)} questions failed, e.g. {errors[0]}")
         records = [{**q, "prediction": a, "run": run_name} for q, a in zip(questions, answers)]
         runs[run_name] = score(records, GROUP_KEYS)
         predictions += records
@@ -314,6 +323,9 @@ def run(args: argparse.Namespace) -> int:
     except (DataError, ValueError) as e:
         print(f"llava-sm eval: {e}", file=sys.stderr)
         return 2
+    except EvalFailed as e:
+        print(f"llava-sm eval: {e}", file=sys.stderr)
+        return 1
     print((Path(opts.out_dir) / "eval.md").read_text(), end="")
     print(f"\n{report['questions']} questions, {report['failed']} failed requests, {report['seconds']} s; "
           f"wrote {opts.out_dir}/eval.json, eval.md, eval.png, predictions.jsonl")
