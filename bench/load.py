@@ -178,7 +178,8 @@ def run_level(url: str, bodies: list[bytes], concurrency: int, requests: int, *,
     threads = [threading.Thread(target=worker, name=f"load-{k}", daemon=True) for k in range(concurrency)]
     # The pinger is its own process: in this one it would wait for the GIL behind `concurrency` client threads
     # and report the load generator's latency instead of the server's.
-    ctx = multiprocessing.get_context("spawn")
+    # fork: the child only runs ping_loop (stdlib http), and unlike spawn it needs no __main__ guard in callers.
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
     stop, ready, queue = ctx.Event(), ctx.Event(), ctx.Queue()
     pinger = ctx.Process(target=ping_loop, args=(url, server_pid, stop, ready, queue), name="ping", daemon=True)
     pinger.start()
