@@ -145,7 +145,7 @@ class Batcher:
             for it in items:
                 it.resolve(error)
             return
-        for it, outcome in zip(items, outcomes):
+        for it, outcome in zip(items, outcomes, strict=False):
             it.resolve(outcome)
         for it in items:  # a predictor that returned too few outcomes is our bug, not the caller's
             it.resolve(internal_error())

@@ -21,8 +21,7 @@ from fastapi.testclient import TestClient
 
 from serve.app import create_app
 from serve.predictor import Predictor
-from serve_support import (FailingPredictor, b64_png, png_bytes, running_server, serve_config,
-                           tiny_loaded, wait_ready)  # noqa: F401 (fixture)
+from serve_support import FailingPredictor, b64_png, png_bytes, running_server, serve_config, wait_ready
 
 IMAGE_HOST = "127.0.0.3"  # a loopback address of its own, so the allow-list can name exactly it
 PIXEL_CAP = 40_000
@@ -192,8 +191,8 @@ def test_batch_payload_answers_in_order(api):
     other = {"image": b64_png((30, 60), (0, 0, 255)), "question": "Which category is the largest?", "temperature": 0}
     batch = api.post_json({"instances": [{**GOOD, "temperature": 0}, other]})
     assert batch.status_code == 200
-    answers = [r["answer"] for r in batch.json()]
-    assert answers == [api.post_json({**GOOD, "temperature": 0}).json()["answer"], api.post_json(other).json()["answer"]]
+    alone = [api.post_json(body).json()["answer"] for body in ({**GOOD, "temperature": 0}, other)]
+    assert [r["answer"] for r in batch.json()] == alone
 
 
 def test_request_ids(api):

@@ -18,7 +18,7 @@ from PIL import Image
 
 from serve.app import create_app
 from serve.predictor import Predictor
-from serve_support import RecordingPredictor, SlowPredictor, running_server, serve_config, tiny_loaded  # noqa: F401
+from serve_support import RecordingPredictor, SlowPredictor, running_server, serve_config
 
 
 def payload(i: int, **params) -> dict:

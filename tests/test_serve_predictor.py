@@ -14,7 +14,6 @@ from PIL import Image
 from serve.errors import ApiError
 from serve.model import NF4_SKIP_MODULES, ModelLoadError, load_artifact
 from serve.predictor import GenerationRequest, GenerationResult, Predictor
-from serve_support import tiny_loaded, tiny_predictor  # noqa: F401 (fixtures)
 
 QUESTIONS = ["What is shown?", "What type of chart is this? pie donut funnel", "Which?",
              "How many categories are there in the chart, tell me", "red", "The quick brown fox jumps over the dog"]
