@@ -137,6 +137,11 @@ def _check_nf4(loaded) -> None:
     quantized = [n for n, m in loaded.model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert quantized and all(n.startswith("model.language_model.") for n in quantized)
     assert not any(n.startswith(tuple(NF4_SKIP_MODULES)) for n in quantized)
+    import torch
+
+    model = loaded.model  # the modules left unquantized are bf16, the compute dtype
+    for module in (model.model.vision_tower, model.model.multi_modal_projector, model.lm_head):
+        assert {p.dtype for p in module.parameters()} == {torch.bfloat16}
     qc = loaded.model.config.quantization_config
     assert qc.bnb_4bit_quant_type == "nf4" and qc.bnb_4bit_use_double_quant
     assert str(qc.bnb_4bit_compute_dtype).endswith("bfloat16")
@@ -154,7 +159,7 @@ def test_nf4_load_path_runs_on_cpu_when_forced(tiny_artifact):
 def test_nf4_is_the_default_on_cuda(tiny_artifact):
     loaded = load_artifact(tiny_artifact)
     assert loaded.quantization == "nf4" and loaded.device == "cuda"
-    assert next(loaded.model.model.vision_tower.parameters()).dtype.is_floating_point
+    assert next(loaded.model.model.language_model.parameters()).is_cuda
     _check_nf4(loaded)
 
 
