@@ -53,6 +53,17 @@ def test_lora_trains_adapter_and_projector_and_leaves_the_base_alone(lora_run):
     assert changed(base, merged, "multi_modal_projector.linear_1.weight")  # trained fully
 
 
+def test_projector_has_its_own_learning_rate(lora_run):
+    import torch
+
+    optimizer = torch.load(lora_run["out"] / "checkpoint-4" / "optimizer.pt", weights_only=False)
+    sizes: dict[float, int] = {}
+    for group in optimizer["param_groups"]:
+        sizes[group["initial_lr"]] = sizes.get(group["initial_lr"], 0) + len(group["params"])
+    assert set(sizes) == {5e-5, 2e-3}
+    assert sizes[2e-3] == 4  # the projector's two weights and two biases; everything else (LoRA) at 5e-5
+
+
 def test_merged_greedy_output_equals_base_plus_adapter(lora_run):
     import torch
     from peft import PeftModel
