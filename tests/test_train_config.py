@@ -91,6 +91,8 @@ def test_types_and_booleans(no_sagemaker, files):
     assert "lora_r (from command line): expected an integer, got 'eight'" in problems
     assert "bf16 (from command line): expected true or false" in problems
     assert "bits must be 4, 8 or 16" in problems
+    with pytest.raises(ConfigError, match="argument --bits: expected one argument"):
+        resolve_config([*required(files), "--bits"], no_sagemaker)
 
 
 def test_blog_command_line_is_accepted_with_notes_and_refusals(files, no_sagemaker):

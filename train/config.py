@@ -121,7 +121,7 @@ _HINTS = typing.get_type_hints(TrainConfig)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m train", allow_abbrev=False, argument_default=argparse.SUPPRESS,
+        prog="python -m train", allow_abbrev=False, argument_default=argparse.SUPPRESS, exit_on_error=False,
         description="Fine-tune LLaVA-1.5 (LoRA / QLoRA / full) and write a merged, servable model dir.")
     parser.add_argument("--config", help="YAML file of TrainConfig fields (overridden by everything else)")
     for name, f in FIELDS.items():
@@ -138,8 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_config(argv: Sequence[str], paths: SageMakerPaths) -> Resolved:
     """Merge the four sources, fill SageMaker defaults, validate; raise ConfigError listing every problem."""
-    cli, unknown = build_parser().parse_known_args(list(argv))
-    cli = vars(cli)
+    try:
+        namespace, unknown = build_parser().parse_known_args(list(argv))
+    except argparse.ArgumentError as e:
+        raise ConfigError([f"command line: {e}"]) from None
+    cli = vars(namespace)
     # Values after an unknown flag belong to it; only a value with no flag before it is worth its own message.
     problems = [f"unknown command-line flag {u.split('=')[0]!r}" for u in unknown if u.startswith("-")]
     if unknown and not unknown[0].startswith("-"):
