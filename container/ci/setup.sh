@@ -18,10 +18,10 @@ if ! command -v podman >/dev/null || ! command -v runc >/dev/null || ! command -
     apt-get update -q >/dev/null
     apt-get install -y -q --no-install-recommends "${packages[@]}" >/dev/null
 fi
-step "packages ($(podman --version))"
-
 # shellcheck source=container/ci/podman-env.sh
 . "$here/podman-env.sh"
+step "packages ($(podman --version))"
+
 podman info --format 'podman store: {{.Store.GraphDriverName}}, cgroups {{.Host.CgroupsVersion}} via {{.Host.CgroupManager}}, runtime {{.Host.OCIRuntime.Name}}, network {{.Host.NetworkBackend}}'
 step "podman config"
 
