@@ -6,8 +6,11 @@ dependencies plus that extra. torch itself is never pinned here: the Dockerfiles
 images share, from the TORCH_SPEC build arg (the CUDA build by default, the CPU build for --cpu), constrained by the
 torch lock; the CUDA packages torch pins exactly come with it.
 
-    python container/lock.py           # rewrite the locks from the active environment
-    python container/lock.py --check   # exit 1 and name the drift when a lock no longer matches (tests run this)
+    python container/lock.py            # rewrite the locks from the active environment
+    python container/lock.py --check    # exit 1 and name the locks that differ from the active environment
+    python container/lock.py --verify   # exit 1 when a lock misses or contradicts a pyproject requirement (tests)
+
+`--verify` reads only pyproject.toml and the locks, so it does not fail when a fresh venv resolves newer releases.
 """
 
 from __future__ import annotations
@@ -86,10 +89,43 @@ def lock_path(lock: str) -> Path:
     return ROOT / "container" / f"requirements-{lock}.lock"
 
 
+def read_pins(path: Path) -> dict[str, str]:
+    pins = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[canonicalize_name(name)] = version.strip()
+    return pins
+
+
+def unmet(lock: str) -> list[str]:
+    """What in pyproject.toml the lock of an image (serve, train) leaves out or pins to a version it excludes."""
+    pins = read_pins(lock_path(lock))
+    problems = []
+    for requirement in lock_roots(lock):
+        name = canonicalize_name(requirement.name)
+        if name in UNPINNED:
+            continue
+        if name not in pins:
+            problems.append(f"{lock}: {requirement} is not pinned")
+        elif not requirement.specifier.contains(pins[name], prereleases=True):
+            problems.append(f"{lock}: {name}=={pins[name]} does not satisfy {requirement}")
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="only compare; exit 1 when a lock is stale")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true", help="only compare; exit 1 when a lock is stale")
+    mode.add_argument("--verify", action="store_true", help="exit 1 when a lock contradicts pyproject.toml")
     args = parser.parse_args(argv)
+    if args.verify:
+        problems = [p for lock in LOCKS if lock != "torch" for p in unmet(lock)]
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        if problems:
+            print("run `python container/lock.py` in the project venv and rebuild the images", file=sys.stderr)
+        return 1 if problems else 0
     stale = []
     for lock in LOCKS:
         text = render(lock, closure(lock_roots(lock)))

@@ -51,9 +51,22 @@ def _venv_env(**extra: str) -> dict[str, str]:
 # ---------------------------------------------------------------- always run
 
 
-def test_locks_match_the_project_venv():
-    proc = _run([sys.executable, "container/lock.py", "--check"])
+def test_locks_pin_every_requirement_of_the_extras(tmp_path, monkeypatch):
+    proc = _run([sys.executable, "container/lock.py", "--verify"])
     assert proc.returncode == 0, proc.stderr
+
+    sys.path.insert(0, str(REPO / "container"))
+    try:
+        import lock
+    finally:
+        sys.path.remove(str(REPO / "container"))
+    stale = tmp_path / "requirements-serve.lock"
+    stale.write_text("fastapi==0.100.0\ntransformers==5.24.0\n")
+    monkeypatch.setattr(lock, "lock_path", lambda name: stale)
+    problems = lock.unmet("serve")
+    assert any(p.startswith("serve: fastapi==0.100.0 does not satisfy fastapi>=") for p in problems), problems
+    assert any(p.startswith("serve: uvicorn") and p.endswith("is not pinned") for p in problems)
+    assert not any("transformers" in p for p in problems)
 
 
 def test_dockerfiles_share_the_torch_layers_and_pin_the_projects_torch():
