@@ -139,6 +139,20 @@ def test_fake_sagemaker_tree_with_string_hyperparameters(tmp_path, tiny_artifact
     assert cfg.output_dir == str(base / "model") and cfg.checkpoint_dir == str(base / "checkpoints")
     assert any("/somewhere/else is not used in a SageMaker job" in n for n in resolved.notes)
     assert resolved.sources["data_path"] == "SageMaker channel 'train'"
+    # No images channel: images sit beside the data file.
+    assert cfg.image_folder == str(base / "input" / "data" / "train")
+
+
+def test_images_channel_is_the_image_folder(tmp_path, tiny_artifact):
+    base = tmp_path / "ml"
+    paths = write_hyperparameters(base, {"max_steps": "1"})
+    for channel in ("train", "images"):
+        (base / "input" / "data" / channel).mkdir(parents=True)
+    (base / "input" / "data" / "train" / "train.json").write_text("[]")
+    (base / "input" / "data" / "model").symlink_to(tiny_artifact)
+    resolved = resolve_config([], paths)
+    assert resolved.config.image_folder == str(base / "input" / "data" / "images")
+    assert resolved.sources["image_folder"] == "SageMaker channel 'images'"
 
 
 def test_outside_sagemaker_checkpoints_go_to_output_dir(no_sagemaker, files):
