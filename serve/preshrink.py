@@ -5,21 +5,21 @@ the mean colour and then resizes it with bicubic: ~40-60 ms for a 1600x1200 imag
 moving 1600x1600x3 arrays around. `preshrink` produces (nearly) the same pixel_values in a fraction of the time:
 
 1. a JPEG that is not yet decoded is decoded at a DCT-scaled size (`Image.draft`, 1/2, 1/4 or 1/8) that still
-   leaves at least twice the target resolution; other formats decode as they are;
+   leaves at least twice the target resolution, when that scale divides the sides and the pad offset;
 2. RGB conversion exactly as the processor does it (transparency composited onto white);
-3. a box-filter `Image.reduce` by an integer factor, again keeping at least twice the target resolution
-   (PIL's own `reducing_gap` idea: a box pre-reduction at >= 2x is visually indistinguishable from the direct
-   bicubic);
-4. pad to a square with the processor's mean colour (the same integer colour it computes), in PIL;
-5. the final bicubic resize to the processor's output size, with the processor's resampling filter, so that the
-   processor's own pad and resize become no-ops (PIL returns a copy for a same-size resize) and only its
-   crop/rescale/normalize run.
+3. pad to a square with the processor's mean colour (the same integer colour it computes) and a box-filter
+   `Image.reduce` by an integer factor that keeps at least twice the target resolution (PIL's `reducing_gap`
+   idea: a box pre-reduction at >= 2x is visually indistinguishable from the direct bicubic). When the factor
+   divides the sides and the pad offset, the reduce runs first on the smaller unpadded image (same pixels);
+4. the final bicubic resize to the processor's output size with the processor's filter, so that the processor's
+   own pad and resize become no-ops (PIL returns a copy for a same-size resize) and only its crop, rescale and
+   normalize run.
 
 The processor still runs on the result, so a change in the saved processor (mean, std, crop) is honoured; only
-the geometry is done here. Images smaller than twice the target skip steps 1, 3 and 5 (the processor does the
-resize itself), so small images get bit-identical pixel values. Pixel differences to the unshrunk path on big
-images: mean ~0.15/255, max ~10/255 at sharp edges (~25/255 with JPEG draft); `python -m bench.preprocess`
-measures both the time and the difference, tests/test_preshrink.py bounds them.
+the geometry is done here. Images under twice the target size skip steps 1 and the reduce: their pixel values
+are bit-identical to the processor's. On big images, differences to the unshrunk path: mean ~0.1-0.3 levels of
+255, max ~5-16 at sharp edges (~10-30 with the JPEG draft decode). `python -m bench.preprocess` measures time and
+difference; tests/test_preshrink.py bounds them.
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ def preshrink(image: Any, image_processor: Any) -> Any:
     """A PIL image to hand to `image_processor` instead of `image`; pixel_values stay within a few levels.
 
     `image` may be a freshly opened, not yet loaded PIL image (then JPEGs decode at a reduced scale) or a loaded
-    one (call `draft` before loading it to keep that speed-up). Returns `image` itself (converted to RGB) when the processor's settings are not ones this mirrors.
+    one (call `draft` before loading it to keep that speed-up). Returns `image` itself (converted to RGB) when the
+    processor's settings are not ones this mirrors.
     """
     target = target_size(image_processor)
     do_pad = bool(getattr(image_processor, "do_pad", False))
@@ -78,19 +79,24 @@ def preshrink(image: Any, image_processor: Any) -> Any:
         # that divides both sides, so its output-size arithmetic sees exactly the same aspect ratio.
         factor = _exact_factor(image.size, min(image.size) // need, offset=0)
         return image.reduce(factor) if factor >= 2 else image
-    # Pad at full resolution (cheap in PIL) so the image/background edge lands exactly where the processor's
-    # would: reducing first and padding after shifts that edge by a fraction of a pixel, which is tens of levels
-    # on a high-contrast border.
-    image = _pad_square(image, pad_colour(image_processor))
-    side = image.size[0]
-    factor = side // need
-    if factor < 2:
-        return image  # the processor resizes it; bit-identical to the reference
-    reduced = image.reduce(factor)
+    colour, resample = pad_colour(image_processor), int(image_processor.resample)
     height, width = target
+    w, h = image.size
+    side = max(w, h)
+    factor = side // need
+    if factor >= 2 and w % factor == 0 and h % factor == 0 and _pad_offset((w, h)) % factor == 0:
+        # No reduce box straddles the image/background edge, so reducing then padding gives exactly the pixels
+        # of padding then reducing, on fewer pixels.
+        return _pad_square(image.reduce(factor), colour).resize((width, height), resample=resample)
+    # Otherwise pad at full resolution, so the edge lands exactly where the processor's would: reducing first
+    # would shift it by a fraction of a pixel, tens of levels on a high-contrast border.
+    image = _pad_square(image, colour)
+    if factor < 2:
+        # The processor's own resize is this same PIL call on the same pixels (bit-identical), minus its numpy
+        # round trips of the full-size array.
+        return image.resize((width, height), resample=resample)
     # reduce() rounds the size up (the last box is partial): map exactly side/factor source pixels.
-    return reduced.resize((width, height), resample=int(image_processor.resample),
-                          box=(0, 0, side / factor, side / factor))
+    return image.reduce(factor).resize((width, height), resample=resample, box=(0, 0, side / factor, side / factor))
 
 
 def _exact_factor(size: tuple[int, int], limit: int, offset: int) -> int:
