@@ -3,13 +3,14 @@
 Wires config -> app -> uvicorn and nothing else. A bad environment variable exits 2 with a message naming it;
 a model that fails to load exits 1 (SageMaker then reports the failed start). On SIGTERM uvicorn stops accepting
 connections, lets in-flight requests finish for up to SERVE_GRACEFUL_TIMEOUT_S, then the batcher stops and the
-process ends (uvicorn re-raises the SIGTERM once shutdown is complete, so the exit status is the signal's).
+process exits 0: being told to stop and stopping cleanly is success (SageMaker scale-in, `docker stop`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import signal
 import sys
 
 from serve.config import ConfigError, ServeConfig
@@ -40,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     server = uvicorn.Server(uvicorn.Config(
         app, host=cfg.host, port=cfg.port, log_config=None, access_log=False, lifespan="on",
         timeout_graceful_shutdown=math.ceil(cfg.graceful_timeout_s)))
+    # uvicorn restores the previous SIGTERM handler after its graceful shutdown and re-raises the signal to it; a no-op
+    # handler there turns "drained and stopped on request" into exit status 0 instead of death by SIGTERM (which, as
+    # PID 1 in a container without an init, would even be ignored by the kernel).
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     server.run()
     if failures:
         log.error("exiting: the model in %s could not be loaded", cfg.model_dir)

@@ -46,8 +46,8 @@ def test_python_m_serve_answers_and_shuts_down_gracefully(tiny_artifact, tmp_pat
             response = in_flight.result()
         assert response.status_code == 200 and len(response.json()) == 8
         assert refused, "new connections were accepted after SIGTERM"
-        # uvicorn re-raises the signal once shutdown is complete, so a graceful stop ends "killed by SIGTERM".
-        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        # A graceful stop on request is a clean exit.
+        assert proc.wait(timeout=30) == 0
         assert time.monotonic() - term_sent < 25
     finally:
         if proc.poll() is None:
