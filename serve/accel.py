@@ -4,7 +4,7 @@
     out = accel.generate(model, batch, generation_config=gen, logits_processor=lp, stopping_criteria=sc)
 
 Eager HF decoding with bitsandbytes NF4 spends most of each token in Python and kernel launches (~30 tok/s on an
-H100 at batch 1, far below what the memory bandwidth allows; ../shared/notes/performance-anchors.md). What this
+H100 at batch 1 in bitsandbytes' own benchmark, far below what the memory bandwidth allows). What this
 does about it, all on the 4-bit path:
 - a static KV cache, so every decode step has the same shapes and `generate` compiles the step with
   `torch.compile(mode="reduce-overhead")` (CUDA graphs). transformers refuses to auto-compile bitsandbytes models
