@@ -100,8 +100,8 @@ def model_inputs(loaded: Any, image: Any, n: int = 1) -> dict[str, Any]:
     from serve.preshrink import preshrink
 
     p = loaded.processor
-    prompt = p.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}],
-                                   add_generation_prompt=True, tokenize=False)
+    message = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}
+    prompt = p.apply_chat_template([message], add_generation_prompt=True, tokenize=False)
     small = preshrink(image.copy(), p.image_processor)
     batch = {k: v.to(loaded.device) for k, v in p(images=[small] * n, text=[prompt] * n, return_tensors="pt").items()}
     batch["pixel_values"] = batch["pixel_values"].to(loaded.model.dtype)

@@ -81,8 +81,8 @@ def test_env_defaults_and_switch():
 
 def test_env_reports_every_problem_at_once():
     with pytest.raises(ConfigError) as e:
-        AccelConfig.from_env({"SERVE_ACCEL": "fast", "SERVE_ACCEL_BATCH_BUCKETS": "1,x", "SERVE_ACCEL_CACHE_BUCKET": "0",
-                              "SERVE_ACCEL_CACHE_GIB": "inf"})
+        AccelConfig.from_env({"SERVE_ACCEL": "fast", "SERVE_ACCEL_BATCH_BUCKETS": "1,x",
+                              "SERVE_ACCEL_CACHE_BUCKET": "0", "SERVE_ACCEL_CACHE_GIB": "inf"})
     text = "\n".join(e.value.problems)
     assert len(e.value.problems) == 4
     for var in ("SERVE_ACCEL=", "SERVE_ACCEL_BATCH_BUCKETS", "SERVE_ACCEL_CACHE_BUCKET", "SERVE_ACCEL_CACHE_GIB"):
