@@ -124,6 +124,29 @@ def test_killed_run_resumes_from_its_newest_complete_checkpoint(tmp_path, datase
     assert (out / "model.safetensors").is_file()
 
 
+def test_sigterm_stops_the_job_with_a_failure_file_and_exit_143(tmp_path, dataset, tiny_artifact):
+    """SageMaker stops a job (StopTrainingJob, spot, MaxRuntime) with SIGTERM, then SIGKILL 120 s later: the job
+    must react at once, say why in the failure file, and leave its checkpoints for the next run."""
+    base = sagemaker_tree(tmp_path / "ml", {})
+    out = tmp_path / "out"
+    argv = ["--model_name_or_path", tiny_artifact, "--data_path", dataset["data"], "--image_folder",
+            dataset["images"], "--lora_enable", "True", "--output_dir", str(out), "--checkpoint_dir", str(out),
+            "--max_steps", "400", "--save_steps", "2", "--eval_generation", "False", *FAST_ARGS]
+    job = subprocess.Popen([sys.executable, "-m", "train", *argv], cwd=REPO, env=train_env(SM_BASE_DIR=str(base)),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "checkpoint-2" / "trainer_state.json").exists():
+            assert job.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
+            time.sleep(0.05)
+        job.send_signal(signal.SIGTERM)
+        assert job.wait(timeout=60) == 143
+    finally:
+        job.kill()
+    assert "Stopped by SIGTERM" in (base / "output" / "failure").read_text()
+    assert (out / "checkpoint-2" / "trainer_state.json").is_file()
+
+
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_deepspeed_two_cpu_processes_train_on_different_data(zero, tmp_path, dataset, tiny_artifact):
     out = tmp_path / "out"
