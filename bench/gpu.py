@@ -257,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         built_s = time.perf_counter() - started
         loaded = load_artifact(path, quantization=quantization, device=device)
         load_s = time.perf_counter() - started - built_s
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # serving memory only, not the bf16 build
     image = decode_chart(png)
     results: dict[str, Any] = {"gpu": gpu_name(device), "model": "tiny" if args.tiny else "llava-1.5-7b-shaped",
                                "quantization": loaded.quantization, "new_tokens": args.new_tokens,
