@@ -5,7 +5,7 @@
 
 For each concurrency level, that many client threads (keep-alive connections, stdlib only, so the generator
 itself costs little CPU) send a bounded number of POST /invocations (JSON: base64 chart image + question,
-greedy) while a separate process pings GET /ping every 50 ms. Reported per level: requests/s, output tokens/s (from
+greedy) while a separate process pings GET /ping every 20 ms. Reported per level: requests/s, output tokens/s (from
 each reply's usage.completion_tokens), TTFT and latency p50/p99, the server's own latency_ms p50, /ping p50/p99,
 errors by status and code, and peak server RSS (sampled from /proc/PID when --server-pid is given, or psutil).
 The pinger runs in its own process, so its numbers are the server's, not the client threads' GIL queue.
@@ -32,7 +32,7 @@ from bench.report import machine, markdown_table, percentile, write_report
 
 DEFAULT_LEVELS = (1, 4, 16, 64)
 QUESTION = "What type of chart is this, and what is its title?"
-PING_INTERVAL_S = 0.05
+PING_INTERVAL_S = 0.02
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -71,7 +71,7 @@ class LevelResult:
             "ttft_p50_ms": percentile([s.ttft_ms for s in ok], 50),
             "latency_p50_ms": percentile(lat, 50), "latency_p99_ms": percentile(lat, 99),
             "server_latency_p50_ms": percentile(server, 50),
-            "ping_p50_ms": percentile(self.pings_ms, 50), "ping_p99_ms": percentile(self.pings_ms, 99),
+            "pings": len(self.pings_ms), "ping_p50_ms": percentile(self.pings_ms, 50), "ping_p99_ms": percentile(self.pings_ms, 99),
             "ping_max_ms": max(self.pings_ms) if self.pings_ms else None, "ping_failures": self.ping_failures,
             "peak_rss_mib": self.peak_rss_mib,
         }
@@ -156,7 +156,7 @@ def rss_mib(pid: int | None) -> float | None:
 
 def run_level(url: str, bodies: list[bytes], concurrency: int, requests: int, *, timeout_s: float = 120.0,
               server_pid: int | None = None) -> LevelResult:
-    """`requests` POSTs spread over `concurrency` threads, /ping every 50 ms, RSS sampled; bounded, no retries."""
+    """`requests` POSTs spread over `concurrency` threads, /ping every 20 ms, RSS sampled; bounded, no retries."""
     result = LevelResult(concurrency)
     lock = threading.Lock()
     counter = iter(range(requests))
@@ -197,7 +197,7 @@ def run_level(url: str, bodies: list[bytes], concurrency: int, requests: int, *,
 
 
 def ping_loop(url: str, server_pid: int | None, stop: Any, ready: Any, queue: Any) -> None:
-    """GET /ping every 50 ms until `stop`, sampling the server's RSS; puts (ping ms list, failures, peak MiB)."""
+    """GET /ping every 20 ms until `stop`, sampling the server's RSS; puts (ping ms list, failures, peak MiB)."""
     client = Client(url, 5.0)
     pings: list[float] = []
     failures = 0
@@ -223,6 +223,11 @@ def ping_loop(url: str, server_pid: int | None, stop: Any, ready: Any, queue: An
         queue.put((pings, failures, peak))
 
 
+def default_requests(concurrency: int) -> int:
+    # Enough for stable percentiles: >= 128 latencies, and a level long enough for ~100 /ping samples.
+    return max(8 * concurrency, 128)
+
+
 def sweep(url: str, levels: tuple[int, ...], *, requests: int | None, max_new_tokens: int, images: int,
           server_pid: int | None, warmup: int = 2) -> list[dict[str, Any]]:
     from bench.samples import image_set
@@ -231,14 +236,15 @@ def sweep(url: str, levels: tuple[int, ...], *, requests: int | None, max_new_to
     run_level(url, bodies, 1, warmup, server_pid=server_pid)  # first-call costs (lazy imports, allocations)
     rows = []
     for c in levels:
-        n = requests if requests is not None else max(4 * c, 16)
+        n = requests if requests is not None else default_requests(c)
         rows.append(run_level(url, bodies, c, n, server_pid=server_pid).summary())
     return rows
 
 
 COLUMNS = [("concurrency", "concurrency"), ("ok", "ok"), ("errors", "errors"), ("req_per_s", "req/s"),
            ("output_tokens_per_s", "out tok/s"), ("ttft_p50_ms", "TTFT p50 ms"), ("latency_p50_ms", "latency p50 ms"),
-           ("latency_p99_ms", "latency p99 ms"), ("ping_p99_ms", "/ping p99 ms"), ("peak_rss_mib", "peak RSS MiB")]
+           ("latency_p99_ms", "latency p99 ms"), ("ping_p99_ms", "/ping p99 ms"), ("pings", "pings"),
+           ("peak_rss_mib", "peak RSS MiB")]
 
 
 def parse_levels(text: str) -> tuple[int, ...]:
@@ -252,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__.splitlines()[0])
     parser.add_argument("url", help="server base URL, e.g. http://127.0.0.1:8080 (loopback only)")
     parser.add_argument("--concurrency", default=",".join(map(str, DEFAULT_LEVELS)))
-    parser.add_argument("--requests", type=int, help="requests per level (default max(4 x concurrency, 16))")
+    parser.add_argument("--requests", type=int, help="requests per level (default max(8 x concurrency, 128))")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--images", type=int, default=4, help="size of the fixed image set (640x480 charts)")
     parser.add_argument("--server-pid", type=int, help="sample this process's RSS")

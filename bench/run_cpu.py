@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run_cpu", description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", help="artifact to serve (default: a fresh tiny `test` artifact)")
     parser.add_argument("--concurrency", default="1,4,16,64")
-    parser.add_argument("--requests", type=int, help="requests per level (default max(4 x concurrency, 16))")
+    parser.add_argument("--requests", type=int, help="requests per level (default max(8 x concurrency, 128))")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=64, help="SERVE_MAX_BATCH_SIZE of the batched server")
     parser.add_argument("--torch-threads", type=int, default=1)
