@@ -35,7 +35,8 @@ def test_questions_are_single_turns_with_their_types(charts):
     first = questions[0]
     assert first["question"] == records[0]["conversations"][0]["value"].removeprefix("<image>\n")
     assert first["answer"] == records[0]["conversations"][1]["value"]
-    assert first["question_type"] == "chart_type" and first["chart_type"] == records[0]["chart_type"]
+    assert first["question_type"] == records[0]["question_types"][0]
+    assert first["chart_type"] == records[0]["chart_type"]
     assert Path(first["image"]) == charts / "images" / records[0]["image"], "images/ beside the split is found"
     assert all(Path(q["image"]).is_file() and "<image>" not in q["question"] for q in questions)
     assert [q["question_type"] for q in load_questions(data, question_types=["title"])] == ["title", "title"]

@@ -136,6 +136,8 @@ def test_split_by_chart_without_leakage_and_llava_format(tmp_path):
         assert turns[0]["value"].startswith("<image>\n")
         assert sum("<image>" in t["value"] for t in turns) == 1
         assert len(record["question_types"]) == len(turns) // 2
+    # Shuffled per chart: a fixed order would teach "the first answer is always the chart type".
+    assert len({r["question_types"][0] for r in train}) > 3
     examples = load_examples(out / "train" / "dataset.json", out / "images")  # the trainer reads it as is
     assert len(examples) == 30 and examples[0].messages[0]["content"][0] == {"type": "image"}
 

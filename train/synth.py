@@ -154,8 +154,14 @@ def split_groups(groups: list[str], val_fraction: float, seed: int) -> set[str]:
 # ---- records ---------------------------------------------------------------------------------------------------
 
 def chart_record(chart: Chart, group: str, split: str, config: SynthConfig) -> dict:
-    """charts.jsonl line: the table, style and QAs (seeded by the chart id, so they never depend on the split)."""
-    qas = questions_for(chart, config.question_types, random.Random(f"{config.seed}:qa:{chart.id}"))
+    """charts.jsonl line: the table, style and QAs (seeded by the chart id, so they never depend on the split).
+
+    The QAs are shuffled: in a packed conversation the first answer after the image would otherwise always be the
+    same question type, and a model learns to answer that type whatever it is asked.
+    """
+    rng = random.Random(f"{config.seed}:qa:{chart.id}")
+    qas = questions_for(chart, config.question_types, rng)
+    rng.shuffle(qas)
     return {"id": chart.id, "image": f"{chart.id}.png", "split": split, "group": group, "kind": chart.kind,
             "title": chart.title, "labels": list(chart.labels), "values": list(chart.values), "unit": chart.unit,
             "style": asdict(chart.style), "qas": [asdict(qa) for qa in qas]}
