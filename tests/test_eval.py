@@ -142,3 +142,24 @@ def test_unreachable_server_fails_clearly(charts, capsys, tmp_path):
     err = capsys.readouterr().err
     assert "all 2 questions failed" in err and "connection_error" in err
     assert not (tmp_path / "eval.json").exists(), "no report that looks like a score of 0"
+
+
+def test_endpoint_answers_are_scored(charts, moto_server, tmp_path):
+    """Through InvokeEndpoint (a loopback moto server answering queued replies in order): 1 right of 2."""
+    import uuid
+
+    import requests
+
+    questions = load_questions(charts / "validation" / "dataset.json", limit=2)
+    replies = [{"answer": questions[0]["answer"], "usage": {"prompt_tokens": 1, "completion_tokens": 1}},
+               {"answer": "certainly not " + questions[1]["answer"], "usage": {"prompt_tokens": 1,
+                                                                                "completion_tokens": 1}}]
+    requests.post(f"{moto_server}/moto-api/static/sagemaker/endpoint-results", json={
+        "account_id": "123456789012", "region": "us-east-1",
+        "results": [{"Body": json.dumps(r), "ContentType": "application/json"} for r in replies]}).raise_for_status()
+    code = cli(["eval", "--data", str(charts / "validation" / "dataset.json"), "--endpoint-name",
+                f"ep-{uuid.uuid4().hex[:8]}", "--endpoint-url", moto_server, "--region", "us-east-1",
+                "--limit", "2", "--concurrency", "1", "--no-blank", "--out-dir", str(tmp_path)])
+    assert code == 0
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["source"].startswith("ep-") and report["runs"][report["source"]]["overall"]["correct"] == 1

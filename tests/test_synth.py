@@ -244,3 +244,14 @@ def test_cli_reports_all_bad_options_and_refuses_to_overwrite(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert main([str(out), "-n", "4", "--size", "100", "--quiet", "--overwrite", "--workers", "1"]) == 0
     assert len(list((out / "images").glob("*.png"))) == 4
+
+
+def test_llava_sm_data_synth_is_the_same_generator(tmp_path, capsys):
+    from client.cli import main as cli
+
+    out = tmp_path / "cli"
+    assert cli(["data", "synth", str(out), "-n", "3", "--size", "64", "--quiet", "--workers", "1"]) == 0
+    assert "| charts |" in capsys.readouterr().out
+    again = tmp_path / "module"
+    assert main([str(again), "-n", "3", "--size", "64", "--quiet", "--workers", "1"]) == 0
+    assert digest(out) == digest(again)
