@@ -167,7 +167,8 @@ def write_tables(tmp_path: Path) -> dict[str, Path]:
     csv = tmp_path / "tables.csv"
     csv.write_text("chart,title,label,value,kind,unit\n"
                    "1,Screen time,<2 hours,15,pie,\n1,Screen time,2-4 hours,45,pie,\n1,Screen time,4+ hours,40,pie,\n"
-                   "2,Occupation,Teachers,1200,funnel,\n2,Occupation,Nurses,800,funnel,\n2,Occupation,Artists,300,funnel,\n"
+                   "2,Occupation,Teachers,1200,funnel,\n2,Occupation,Nurses,800,funnel,\n"
+                   "2,Occupation,Artists,300,funnel,\n"
                    "3,Revenue,Q1,2.5,,$\n3,Revenue,Q2,3.75,,$\n")
     tables = [{"title": "Screen time", "labels": ["<2 hours", "2-4 hours", "4+ hours"], "values": [15, 45, 40],
                "kind": "pie"},

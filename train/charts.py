@@ -251,8 +251,8 @@ def _line(ax, chart: Chart, fontsize: float) -> None:
     low, high = min(chart.values), max(chart.values)
     pad = (high - low) * 0.3 or abs(high) * 0.3 or 1.0
     for x, v in zip(positions, chart.values):
-        ax.annotate(format_value(v, chart.unit), (x, v), textcoords="offset points", xytext=(0, fontsize * 0.5 + 2), ha="center",
-                    fontsize=fontsize)
+        ax.annotate(format_value(v, chart.unit), (x, v), textcoords="offset points", xytext=(0, fontsize * 0.5 + 2),
+                    ha="center", fontsize=fontsize)
     ax.set_xticks(positions, list(chart.labels), fontsize=fontsize)
     ax.set_xlim(-0.5, len(positions) - 0.5)
     ax.set_ylim(low - pad, high + pad)

@@ -318,7 +318,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(summary_table(summary))
-    print(f"\nwrote {config.out_dir}: train/dataset.json, validation/dataset.json, images/ ({sum(s['charts'] for s in summary.values())} charts)")
+    charts = sum(split["charts"] for split in summary.values())
+    print(f"\nwrote {config.out_dir}: train/dataset.json, validation/dataset.json, images/ ({charts} charts)")
     return 0
 
 
