@@ -1,6 +1,7 @@
 """Decode speed-ups for the served model on CUDA: static KV cache + torch.compile in shape buckets, sdpa, bf16.
 
     accel = Accelerator(loaded.model, AccelConfig.from_env(), device=loaded.device)   # once, after the load
+    accel.warm_up(loaded.model, one_processed_row, gen, max_new_tokens=128)          # compile before traffic
     out = accel.generate(model, batch, generation_config=gen, logits_processor=lp, stopping_criteria=sc)
 
 Eager HF decoding with bitsandbytes NF4 spends most of each token in Python and kernel launches (~30 tok/s on an
@@ -184,7 +185,7 @@ class Accelerator:
 
     # ------------------------------------------------------------------ generation
     def generate(self, model: Any, batch: Mapping[str, Any], *, generation_config: Any,
-                 logits_processor: Any = None, stopping_criteria: Any = None) -> Any:
+                 logits_processor: Any = None, stopping_criteria: Any = None, min_cache_len: int = 0) -> Any:
         """`model.generate(**batch, ...)`; with acceleration on: padded to a bucket, on a pooled static cache."""
         if not self.enabled:
             return model.generate(**batch, generation_config=generation_config, logits_processor=logits_processor,
@@ -194,7 +195,8 @@ class Accelerator:
         n, width = batch["input_ids"].shape
         size = bucket_batch(n, self.config.batch_buckets) if _paddable(batch, n) else n
         padded = pad_rows(batch, size)
-        length = bucket_length(width + int(generation_config.max_new_tokens), self.config.cache_bucket)
+        need = max(width + int(generation_config.max_new_tokens), min_cache_len)
+        length = bucket_length(need, self.config.cache_bucket)
         gen = copy.deepcopy(generation_config)
         gen.cache_implementation = None  # the cache is ours (pooled), not one generate would build
         gen.disable_compile = False
@@ -207,6 +209,35 @@ class Accelerator:
         out = model.generate(**padded, generation_config=gen, logits_processor=lp, stopping_criteria=sc,
                              cache=self._cache(model, size, length))
         return out[:n]
+
+    def warm_up(self, model: Any, row: Mapping[str, Any], generation_config: Any, *, max_new_tokens: int) -> float:
+        """Compile the decode step for every batch bucket before traffic arrives; returns the seconds it took.
+
+        `row` is one processor output (batch dimension 1, e.g. a blank image and a short question). Each bucket is
+        compiled for the cache length a typical request needs (`row`'s prompt + `max_new_tokens`), so the first
+        real batch of each size replays instead of compiling for tens of seconds inside a request's time budget.
+        """
+        if not self.enabled:
+            return 0.0
+        import time
+
+        import torch
+
+        started = time.perf_counter()
+        gen = copy.deepcopy(generation_config)
+        gen.max_new_tokens = gen.min_new_tokens = 2  # one decode step: enough to capture its graph
+        gen.do_sample, gen.max_length = False, None
+        device_row = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in row.items()}
+        if isinstance(device_row.get("pixel_values"), torch.Tensor):
+            device_row["pixel_values"] = device_row["pixel_values"].to(model.dtype)
+        length = int(row["input_ids"].shape[1]) + max_new_tokens
+        # generate() runs under no_grad; not inference_mode, whose tensors could not be reset outside it later.
+        for size in self.config.batch_buckets:
+            self.generate(model, pad_rows(device_row, size), generation_config=gen, min_cache_len=length)
+        seconds = time.perf_counter() - started
+        log.info("decode acceleration warmed up for batch sizes %s in %.1f s",
+                 ",".join(map(str, self.config.batch_buckets)), seconds)
+        return seconds
 
     def _cache(self, model: Any, batch: int, length: int) -> Any:
         """A reset static cache for (batch, length); reused across calls so compiled graphs keep their inputs."""

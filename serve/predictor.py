@@ -80,6 +80,11 @@ class Predictor:
         self.default_max_new_tokens = min(gen.max_new_tokens or 128, max_new_tokens_cap)
         self.default_temperature = float(gen.temperature or 1.0) if gen.do_sample else 0.0
         self.default_top_p = float(gen.top_p) if gen.do_sample and gen.top_p is not None else 1.0
+        if self.accel.enabled:  # compile every batch bucket now, not inside the first requests' time budget
+            from PIL import Image
+
+            probe = GenerationRequest(image=Image.new("RGB", (64, 64)), question="What is shown in the image?")
+            self.accel.warm_up(loaded.model, self._encode(probe), gen, max_new_tokens=self.default_max_new_tokens)
 
     # ------------------------------------------------------------------ public
     def predict(self, requests: Sequence[GenerationRequest], on_result: OnResult | None = None) -> list[Outcome]:

@@ -172,3 +172,32 @@ def test_cuda_nf4_inductor_matches_eager(tiny_artifact):
         # differently later on a random model, so the rest must agree on most tokens, not all.
         assert torch.equal(out[:, : width + 1], eager[:, : width + 1])
         assert (out[:, width:] == eager[:, width:]).float().mean() >= 0.75
+
+
+def test_warm_up_compiles_every_bucket_before_traffic(fp32):
+    model = fp32.model
+    accel = Accelerator(model, AccelConfig(**{**CPU_COMPILED.__dict__, "batch_buckets": (1, 2)}), device="cpu")
+    row = {k: v[:1] for k, v in _batch(fp32, 1).items()}
+    assert accel.warm_up(model, row, fp32.generation_config, max_new_tokens=6) > 0
+    assert accel.cached_shapes == [(1, 256), (2, 256)]
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    out = accel.generate(model, _batch(fp32, 2), generation_config=_gen(fp32, 6))
+    assert out.shape[0] == 2
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # replayed, nothing new compiled
+    assert Accelerator(model, AccelConfig(mode="off"), device="cpu").warm_up(model, row, fp32.generation_config,
+                                                                            max_new_tokens=6) == 0.0
+
+
+def test_predictor_warms_up_only_when_accelerated(tiny_artifact):
+    from serve.model import load_artifact
+    from serve.predictor import GenerationRequest, Predictor
+
+    loaded = load_artifact(tiny_artifact, quantization="none", device="cpu")
+    assert Predictor(loaded).accel.cached_shapes == []  # auto on CPU: off, nothing compiled
+    fast = Predictor(loaded, accel=AccelConfig(**{**CPU_COMPILED.__dict__, "batch_buckets": (1, 2)}))
+    assert [b for b, _ in fast.accel.cached_shapes] == [1, 2]
+    from bench.samples import chart_image
+
+    [result] = fast.predict([GenerationRequest(image=chart_image(64, 48), question="Title?", temperature=0,
+                                               max_new_tokens=3)])
+    assert result.completion_tokens <= 3
