@@ -62,8 +62,7 @@ def test_run_cpu_sweeps_sequential_and_batched_servers(tiny_artifact, tmp_path):
     assert "Batched vs sequential" in (tmp_path / "cpu_compare.md").read_text()
 
 
-def test_gpu_script_tiny_mode_runs_every_measurement(tmp_path, monkeypatch):
-    monkeypatch.setenv("SERVE_ACCEL", "off")  # the script sets it per run; restored after the test
+def test_gpu_script_tiny_mode_runs_every_measurement(tmp_path):
     assert gpu.main(["--tiny", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "gpu.json").read_text())
     assert data["model"] == "tiny" and data["new_tokens"] == 4
