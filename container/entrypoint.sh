@@ -1,7 +1,7 @@
 #!/bin/sh
-# The images' entry point, run under tini (PID 1, forwards signals, reaps zombies). SageMaker starts a container as
-# `docker run IMAGE serve` (hosting) or `docker run IMAGE train` (training); `exec` makes python tini's direct child, so
-# the SIGTERM that `docker stop` / SageMaker sends reaches it. Anything else runs as given (e.g. `bash`,
+# The images' exec-form entry point. SageMaker starts a container as `docker run IMAGE serve` (hosting) or
+# `docker run IMAGE train` (training); `exec` makes python PID 1 itself, so the SIGTERM that `docker stop` / SageMaker
+# sends reaches it (python handles it: a PID 1 without a handler would ignore it). Anything else runs as given (e.g. `bash`,
 # `python -m train.merge ...`), so the image stays usable for debugging.
 set -eu
 

@@ -103,12 +103,13 @@ def test_entrypoint_execs_the_command_so_signals_reach_it():
     assert usage.returncode == 2 and "usage: IMAGE serve | IMAGE train" in usage.stderr
 
 
-def test_entrypoint_dispatches_serve_and_train_to_the_project():
+def test_entrypoint_dispatches_serve_and_train_to_the_project(tmp_path):
     script = str(REPO / "container" / "entrypoint.sh")
     serve = _run(["sh", script, "serve"], env=_venv_env(SERVE_QUANTIZATION="int3"))
     assert serve.returncode == 2 and "SERVE_QUANTIZATION='int3'" in serve.stderr
-    train = _run(["sh", script, "train", "--no_such_flag", "1"], env=_venv_env(SM_BASE_DIR=str(REPO / "nowhere")))
+    train = _run(["sh", script, "train", "--no_such_flag", "1"], env=_venv_env(SM_BASE_DIR=str(tmp_path / "ml")))
     assert train.returncode == 2 and "no_such_flag" in train.stdout + train.stderr
+    assert "no_such_flag" in (tmp_path / "ml" / "output" / "failure").read_text()
 
 
 def test_build_script_composes_the_variants():
@@ -196,7 +197,7 @@ def test_hadolint_finds_no_errors_in_either_dockerfile():
 def test_serving_image_follows_the_sagemaker_contract(engine, images):
     info = engine.image_config(images["serve"])
     config = info["Config"]
-    assert config["Entrypoint"][:1] == ["/usr/bin/tini"] and config["Cmd"] == ["serve"]
+    assert config["Entrypoint"] == ["/usr/local/bin/entrypoint.sh"] and config["Cmd"] == ["serve"]
     assert "8080/tcp" in config["ExposedPorts"] and config.get("User", "") in ("", "root", "0")
     assert config["Labels"]["com.amazonaws.sagemaker.capabilities.accept-bind-to-port"] == "true"
     assert "HF_HUB_OFFLINE=1" in config["Env"]
