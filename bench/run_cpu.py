@@ -54,13 +54,15 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
 
 
 @contextmanager
-def server(model_dir: str, *, batch_size: int, torch_threads: int, log_path: Path):
+def server(model_dir: str, *, batch_size: int, torch_threads: int, log_path: Path, max_wait_ms: float | None = None):
     """`python -m serve` on a free loopback port; yields (url, pid); SIGTERM and wait on exit."""
     port = free_port()
     env = {**os.environ, "SM_MODEL_DIR": model_dir, "SERVE_HOST": "127.0.0.1", "SAGEMAKER_BIND_TO_PORT": str(port),
            "SERVE_MAX_BATCH_SIZE": str(batch_size), "SERVE_MAX_QUEUE": "1024", "SERVE_REQUEST_TIMEOUT_S": "300",
            "SERVE_TORCH_THREADS": str(torch_threads), "SERVE_LOG_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if max_wait_ms is not None:
+        env["SERVE_MAX_WAIT_MS"] = str(max_wait_ms)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "serve"], env=env, cwd=REPO, stdout=log,
                                 stderr=subprocess.STDOUT)
@@ -104,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, help="requests per level (default max(8 x concurrency, 128))")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=64, help="SERVE_MAX_BATCH_SIZE of the batched server")
+    parser.add_argument("--max-wait-ms", type=float, help="SERVE_MAX_WAIT_MS of the batched server (default: its own)")
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--tiny", action="store_true", help="seconds-long smoke run (for tests)")
     parser.add_argument("--out", help="write cpu_sequential/cpu_batched/cpu_compare .json/.md here")
@@ -124,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, batch in (("sequential", 1), ("batched", args.batch_size)):
             log_path = Path(tmp) / f"server-{name}.log"
             try:
-                with server(model_dir, batch_size=batch, torch_threads=args.torch_threads,
-                            log_path=log_path) as (url, pid):
+                with server(model_dir, batch_size=batch, torch_threads=args.torch_threads, log_path=log_path,
+                            max_wait_ms=args.max_wait_ms if batch > 1 else None) as (url, pid):
                     results[name] = sweep(url, levels, requests=requests, max_new_tokens=max_new, images=4,
                                           server_pid=pid)
             except RuntimeError as e:
@@ -136,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     md = "\n\n".join([
         f"CPU, tiny model, max_new_tokens={max_new}, torch threads={args.torch_threads}",
         "Sequential server (SERVE_MAX_BATCH_SIZE=1)\n\n" + markdown_table(results["sequential"], COLUMNS),
-        f"Batched server (SERVE_MAX_BATCH_SIZE={args.batch_size})\n\n" + markdown_table(results["batched"], COLUMNS),
+        f"Batched server (SERVE_MAX_BATCH_SIZE={args.batch_size}, SERVE_MAX_WAIT_MS="
+        f"{'default' if args.max_wait_ms is None else args.max_wait_ms})\n\n"
+        + markdown_table(results["batched"], COLUMNS),
         "Batched vs sequential\n\n" + markdown_table(comparison, [
             ("concurrency", "concurrency"), ("sequential_req_per_s", "sequential req/s"),
             ("batched_req_per_s", "batched req/s"), ("speedup", "speed-up"),
