@@ -195,7 +195,10 @@ class Accelerator:
         n, width = batch["input_ids"].shape
         size = bucket_batch(n, self.config.batch_buckets) if _paddable(batch, n) else n
         padded = pad_rows(batch, size)
-        need = max(width + int(generation_config.max_new_tokens), min_cache_len)
+        new_tokens = generation_config.max_new_tokens
+        if new_tokens is None:  # a config that bounds the total length instead
+            new_tokens = int(generation_config.max_length or 0) - width
+        need = max(width + int(new_tokens), min_cache_len)
         length = bucket_length(need, self.config.cache_bucket)
         gen = copy.deepcopy(generation_config)
         gen.cache_implementation = None  # the cache is ours (pooled), not one generate would build
