@@ -112,6 +112,9 @@ def load_questions(data: str | Path, image_folder: str | Path | None = None, *,
         if example.image is None:
             problems.append(f"row {row} (id {example.id!r}): no image; eval asks questions about images")
             continue
+        if not (folder / example.image).is_file():
+            problems.append(f"row {row} (id {example.id!r}): image {example.image!r} not found in {folder}")
+            continue
         types = record.get("question_types") or []
         pairs = zip(example.messages[0::2], example.messages[1::2])
         for k, (user, assistant) in enumerate(pairs):

@@ -49,6 +49,8 @@ def test_bad_data_reports_every_problem(tmp_path):
         json.dumps({"id": "a", "image": "x.png", "conversations": [{"from": "human", "value": "<image>\nQ?"}]}),
         json.dumps({"id": "b", "conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A"}]}),
         "{not json",
+        json.dumps({"id": "d", "image": "gone.png", "conversations": [{"from": "human", "value": "<image>\nQ?"},
+                                                                      {"from": "gpt", "value": "A"}]}),
     ]) + "\n")
     with pytest.raises(DataError) as err:
         load_questions(bad, tmp_path)
@@ -56,6 +58,7 @@ def test_bad_data_reports_every_problem(tmp_path):
     assert "row 1 (id 'a')" in text and "no gpt answer" in text
     assert "row 2 (id 'b'): no image" in text
     assert "row 3: invalid JSON" in text
+    assert "row 4 (id 'd'): image 'gone.png' not found" in text
 
 
 def test_blank_image_is_a_uniform_grey_png():
