@@ -19,7 +19,8 @@ does about it, all on the 4-bit path:
 - sdpa attention (switched to if the model was loaded with eager attention); bf16 compute is the loader's job
   (serve.model.nf4_config) and is reported here.
 
-Environment (read once by `AccelConfig.from_env`, every problem reported at once):
+Environment (parsed with the server's other variables by serve.config.ServeConfig, so a bad value stops start-up;
+`AccelConfig.from_env` reads just these for library callers such as `Predictor(loaded)`):
     SERVE_ACCEL             auto (default: on with CUDA, off on CPU) | on | off (plain eager `generate`: the
                             fallback if a compiled path misbehaves on some driver/torch combination)
     SERVE_ACCEL_BATCH_BUCKETS  comma-separated batch sizes (default 1,2,4,8,16,32); bigger batches run unpadded
@@ -39,7 +40,6 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-MODES = ("auto", "on", "off")
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
 DYNAMO_RECOMPILE_LIMIT = 64  # one compiled decode step per (batch, cache length) bucket; torch's default is 8
 
@@ -56,68 +56,17 @@ class AccelConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> AccelConfig:
-        from serve.config import ConfigError
+        """Only the SERVE_ACCEL* variables, parsed by serve.config (the server reads them with all the others, in
+        `ServeConfig.from_env`, so a bad value stops its start-up); raises ConfigError naming each bad one."""
+        from serve.config import ACCEL_FIELDS, ENV_VARS, ConfigError, parse_env
 
-        env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        problems: list[str] = []
-
-        def read(var: str, field: str, parse) -> None:
-            raw = env.get(var, "").strip()
-            if raw:
-                try:
-                    values[field] = parse(raw)
-                except ValueError as e:
-                    problems.append(f"{var}={raw!r}: {e}")
-
-        read("SERVE_ACCEL", "mode", _mode)
-        read("SERVE_ACCEL_BATCH_BUCKETS", "batch_buckets", _buckets)
-        read("SERVE_ACCEL_CACHE_BUCKET", "cache_bucket", _positive_int)
-        read("SERVE_ACCEL_CACHE_GIB", "cache_gib", _positive_float)
+        values, problems = parse_env(os.environ if env is None else env, {f: ENV_VARS[f] for f in ACCEL_FIELDS})
         if problems:
             raise ConfigError(problems)
-        return cls(**values)
+        return cls(**{name[len("accel_"):]: value for name, value in values.items()})
 
     def enabled_for(self, device: str) -> bool:
         return self.mode == "on" or (self.mode == "auto" and str(device).startswith("cuda"))
-
-
-def _mode(raw: str) -> str:
-    value = raw.lower()
-    if value in ("1", "true"):
-        return "on"
-    if value in ("0", "false"):
-        return "off"
-    if value not in MODES:
-        raise ValueError(f"must be one of {', '.join(MODES)}")
-    return value
-
-
-def _positive_int(raw: str) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError("not an integer") from None
-    if value < 1:
-        raise ValueError("must be >= 1")
-    return value
-
-
-def _positive_float(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError("not a number") from None
-    if not value > 0 or value == float("inf"):
-        raise ValueError("must be a finite number > 0")
-    return value
-
-
-def _buckets(raw: str) -> tuple[int, ...]:
-    sizes = sorted({_positive_int(part.strip()) for part in raw.split(",") if part.strip()})
-    if not sizes:
-        raise ValueError("needs at least one batch size")
-    return tuple(sizes)
 
 
 def bucket_batch(n: int, buckets: tuple[int, ...]) -> int:

@@ -78,7 +78,7 @@ def default_predictor_factory(cfg: ServeConfig) -> Callable[[], Any]:
 
             torch.set_num_threads(cfg.torch_threads)
         loaded = load_artifact(cfg.model_dir, quantization=cfg.quantization, device=cfg.device)
-        return Predictor(loaded, max_new_tokens_cap=cfg.max_new_tokens)
+        return Predictor(loaded, max_new_tokens_cap=cfg.max_new_tokens, accel=cfg.accel_config())
     return build
 
 

@@ -18,6 +18,7 @@ from typing import Any
 MiB = 1024 * 1024
 QUANTIZATIONS = ("auto", "nf4", "bf16", "fp16", "none")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+ACCEL_MODES = ("auto", "on", "off")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -52,29 +53,47 @@ class ServeConfig:
     graceful_timeout_s: float = 25.0  # SageMaker sends SIGKILL 30 s after SIGTERM
     torch_threads: int = 0  # torch CPU threads; 0 keeps torch's default (1 is best on small shared CPU hosts)
     log_level: str = "INFO"
+    # CUDA decode speed-ups (serve/accel.py): parsed here so a bad value stops start-up like any other variable
+    accel_mode: str = "auto"  # auto = on with CUDA, off on CPU
+    accel_batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    accel_cache_bucket: int = 256
+    accel_cache_gib: float | None = None  # None: 30% of the GPU's memory
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ServeConfig:
         env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        problems: list[str] = []
-        for name, (var, parse) in ENV_VARS.items():
-            raw = env.get(var)
-            if raw is None or raw.strip() == "":
-                continue
-            try:
-                values[name] = parse(raw.strip())
-            except ValueError as e:
-                problems.append(f"{var}={raw!r}: {e}")
+        values, problems = parse_env(env, ENV_VARS)
         if "max_payload_bytes" not in values and env.get("SAGEMAKER_MAX_PAYLOAD_IN_MB", "").strip():
             values.update(_sagemaker_payload(env["SAGEMAKER_MAX_PAYLOAD_IN_MB"].strip(), problems))
         if problems:
             raise ConfigError(problems)
         return cls(**values)
 
+    def accel_config(self):
+        """The `serve.accel.AccelConfig` these settings describe."""
+        from serve.accel import AccelConfig
+
+        return AccelConfig(**{name[len("accel_"):]: getattr(self, name) for name in ACCEL_FIELDS})
+
     def summary(self) -> str:
         """One line with every resolved value, for the start-up log."""
         return " ".join(f"{f.name}={_show(getattr(self, f.name))}" for f in fields(self))
+
+
+def parse_env(env: Mapping[str, str], table: Mapping[str, tuple[str, Callable[[str], Any]]]
+              ) -> tuple[dict[str, Any], list[str]]:
+    """Parse the variables of `table` (field -> (variable, parser)) that are set in `env`: (values, problems)."""
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    for name, (var, parse) in table.items():
+        raw = env.get(var)
+        if raw is None or raw.strip() == "":
+            continue
+        try:
+            values[name] = parse(raw.strip())
+        except ValueError as e:
+            problems.append(f"{var}={raw!r}: {e}")
+    return values, problems
 
 
 def _show(value: Any) -> str:
@@ -114,6 +133,21 @@ def _choice(options: tuple[str, ...], *, upper: bool = False) -> Callable[[str],
             raise ValueError(f"must be one of {', '.join(options)}")
         return value
     return parse
+
+
+def _accel_mode(raw: str) -> str:
+    value = {"1": "on", "true": "on", "0": "off", "false": "off"}.get(raw.lower(), raw.lower())
+    if value not in ACCEL_MODES:
+        raise ValueError(f"must be one of {', '.join(ACCEL_MODES)}")
+    return value
+
+
+def _buckets(raw: str) -> tuple[int, ...]:
+    parse = _int(1)
+    sizes = sorted({parse(part.strip()) for part in raw.split(",") if part.strip()})
+    if not sizes:
+        raise ValueError("needs at least one batch size")
+    return tuple(sizes)
 
 
 def _device(raw: str) -> str:
@@ -172,4 +206,9 @@ ENV_VARS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "graceful_timeout_s": ("SERVE_GRACEFUL_TIMEOUT_S", _float(0, strict=False)),
     "torch_threads": ("SERVE_TORCH_THREADS", _int(0, 1024)),
     "log_level": ("SERVE_LOG_LEVEL", _choice(LOG_LEVELS, upper=True)),
+    "accel_mode": ("SERVE_ACCEL", _accel_mode),
+    "accel_batch_buckets": ("SERVE_ACCEL_BATCH_BUCKETS", _buckets),
+    "accel_cache_bucket": ("SERVE_ACCEL_CACHE_BUCKET", _int(1)),
+    "accel_cache_gib": ("SERVE_ACCEL_CACHE_GIB", _float(0)),
 }
+ACCEL_FIELDS = tuple(name for name in ENV_VARS if name.startswith("accel_"))

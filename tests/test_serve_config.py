@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from serve.accel import AccelConfig
 from serve.config import ENV_VARS, ConfigError, ServeConfig
 from serve_support import free_port
 
@@ -35,7 +36,9 @@ def test_every_variable_is_read():
            "SERVE_REQUEST_TIMEOUT_S": "1.5", "SERVE_FETCH_TIMEOUT_S": "2", "SERVE_FETCH_MAX_REDIRECTS": "0",
            "SERVE_FETCH_ALLOW_NETWORKS": "127.0.0.0/8, 10.1.2.3", "SERVE_MAX_BATCH_SIZE": "4",
            "SERVE_MAX_WAIT_MS": "0", "SERVE_MAX_QUEUE": "3", "SERVE_MAX_INSTANCES": "2",
-           "SERVE_GRACEFUL_TIMEOUT_S": "7", "SERVE_TORCH_THREADS": "1", "SERVE_LOG_LEVEL": "debug"}
+           "SERVE_GRACEFUL_TIMEOUT_S": "7", "SERVE_TORCH_THREADS": "1", "SERVE_LOG_LEVEL": "debug",
+           "SERVE_ACCEL": "off", "SERVE_ACCEL_BATCH_BUCKETS": "8, 1,4", "SERVE_ACCEL_CACHE_BUCKET": "128",
+           "SERVE_ACCEL_CACHE_GIB": "2.5"}
     assert set(env) == {var for var, _ in ENV_VARS.values()}
     cfg = ServeConfig.from_env(env)
     assert (cfg.model_dir, cfg.host, cfg.port, cfg.quantization, cfg.device) == (Path("/m"), "127.0.0.1", 9000,
@@ -47,12 +50,16 @@ def test_every_variable_is_read():
     assert (cfg.max_batch_size, cfg.max_wait_ms, cfg.max_queue, cfg.max_instances) == (4, 0.0, 3, 2)
     assert (cfg.graceful_timeout_s, cfg.torch_threads, cfg.log_level) == (7.0, 1, "DEBUG")
     assert "fetch_allow_networks=127.0.0.0/8,10.1.2.3/32" in cfg.summary()
+    accel = cfg.accel_config()
+    assert (accel.mode, accel.batch_buckets, accel.cache_bucket, accel.cache_gib) == ("off", (1, 4, 8), 128, 2.5)
+    assert ServeConfig.from_env({}).accel_config() == AccelConfig()
 
 
 def test_every_bad_value_is_reported_at_once_naming_its_variable():
     env = {"SAGEMAKER_BIND_TO_PORT": "80a", "SERVE_QUANTIZATION": "int8", "SERVE_MAX_BATCH_SIZE": "0",
            "SERVE_REQUEST_TIMEOUT_S": "nan", "SERVE_FETCH_ALLOW_NETWORKS": "10.0.0.0/8,not-a-net",
-           "SERVE_DEVICE": "tpu", "SERVE_LOG_LEVEL": "loud", "SERVE_MAX_WAIT_MS": "-1"}
+           "SERVE_DEVICE": "tpu", "SERVE_LOG_LEVEL": "loud", "SERVE_MAX_WAIT_MS": "-1", "SERVE_ACCEL": "fast",
+           "SERVE_ACCEL_BATCH_BUCKETS": "1,x", "SERVE_ACCEL_CACHE_BUCKET": "0", "SERVE_ACCEL_CACHE_GIB": "inf"}
     with pytest.raises(ConfigError) as info:
         ServeConfig.from_env(env)
     problems = info.value.problems
@@ -80,8 +87,9 @@ def _serve(env_extra: dict[str, str], timeout: float = 90) -> subprocess.Complet
 
 
 def test_python_m_serve_exits_2_naming_the_bad_variable():
-    proc = _serve({"SAGEMAKER_BIND_TO_PORT": "99999", "SERVE_MAX_QUEUE": "many"}, timeout=30)
+    proc = _serve({"SAGEMAKER_BIND_TO_PORT": "99999", "SERVE_MAX_QUEUE": "many", "SERVE_ACCEL": "fast"}, timeout=30)
     assert proc.returncode == 2
+    assert "SERVE_ACCEL='fast': must be one of auto, on, off" in proc.stderr
     assert "SAGEMAKER_BIND_TO_PORT='99999': must be between 1 and 65535" in proc.stderr
     assert "SERVE_MAX_QUEUE='many': not an integer" in proc.stderr
 
