@@ -147,11 +147,30 @@ def create_app(cfg: ServeConfig, *, predictor_factory: Callable[[], Any] | None 
 
 
 async def _invoke(state: ServerState, request: Request, started: float) -> JSONResponse:
+    deadline = started + state.cfg.request_timeout_s
+    batcher = state.require_batcher()
+    batcher.expect()  # a lone queued request waits for this one only while it is on its way
+    try:
+        requests, is_batch = await _read_and_prepare(state, batcher, request, deadline)
+    except BaseException:
+        batcher.withdraw()
+        raise
+    outcomes = await batcher.submit(requests, deadline, expected=True)
+    for outcome in outcomes:
+        if isinstance(outcome, ApiError):
+            raise outcome
+    latency_ms = round(1000 * (time.monotonic() - started), 1)
+    replies = [_reply(o, latency_ms) for o in outcomes]
+    return JSONResponse(replies if is_batch else replies[0])
+
+
+async def _read_and_prepare(state: ServerState, batcher: Batcher, request: Request, deadline: float
+                            ) -> tuple[list[GenerationRequest], bool]:
+    """Check the content type, read the body and turn it into prepared GenerationRequests (+ whether it was a
+    batch), on the request-thread pool."""
     from starlette.concurrency import run_in_threadpool
 
     cfg = state.cfg
-    deadline = started + cfg.request_timeout_s
-    batcher = state.require_batcher()
     content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if content_type not in JSON_TYPES + IMAGE_TYPES:
         raise ApiError("unsupported_media_type", f"Content-Type {content_type or '(none)'!r} is not accepted; send "
@@ -169,16 +188,10 @@ async def _invoke(state: ServerState, request: Request, started: float) -> JSONR
         batcher.check_room(1)
         if not body:
             raise ApiError("invalid_image", "the body is empty; send the image bytes")
-        request = await run_in_threadpool(_request_from_image, body, params, cfg.max_image_pixels, deadline,
-                                          batcher.predictor)
-        requests, is_batch = [request], False
-    outcomes = await batcher.submit(requests, deadline)
-    for outcome in outcomes:
-        if isinstance(outcome, ApiError):
-            raise outcome
-    latency_ms = round(1000 * (time.monotonic() - started), 1)
-    replies = [_reply(o, latency_ms) for o in outcomes]
-    return JSONResponse(replies if is_batch else replies[0])
+        prepared = await run_in_threadpool(_request_from_image, body, params, cfg.max_image_pixels, deadline,
+                                           batcher.predictor)
+        requests, is_batch = [prepared], False
+    return requests, is_batch
 
 
 async def read_body_capped(request: Request, limit: int) -> bytes:

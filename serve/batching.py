@@ -1,7 +1,9 @@
 """Dynamic batching: concurrent requests are gathered into one `Predictor.predict` call on one generation thread.
 
 The event loop only enqueues and awaits; all generation runs on the `generation` thread, so `/ping` never waits on
-the model. A batch starts when `max_batch_size` requests are waiting or when the oldest has waited `max_wait_ms`.
+the model. A batch starts when `max_batch_size` requests are waiting or when the oldest has waited `max_wait_ms`,
+except that a lone request that found the generation thread idle, with no other request announced (`expect`) and
+still being read or prepared, starts at once: nothing could join its batch, so waiting would only add latency.
 Each request gets its outcome the moment the predictor reports it (short answers do not wait for long ones);
 a request past its deadline is answered 504 while the rest of its batch goes on; a request whose preparation fails
 fails alone. The queue is bounded: beyond `max_queue` waiting requests, `submit` answers 503 `overloaded` at once.
@@ -57,6 +59,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._closing = False
         self._idle_since = 0.0  # when the generation thread last finished a batch
+        self._expected = 0  # requests announced by `expect` that have not been submitted or withdrawn yet
         self._thread = threading.Thread(target=self._run, name="generation", daemon=True)
 
     # ------------------------------------------------------------------ event-loop side
@@ -75,11 +78,28 @@ class Batcher:
             raise ApiError("overloaded", f"the server is at capacity ({self.max_queue} requests waiting); retry "
                                          "shortly")
 
-    async def submit(self, requests: Sequence[GenerationRequest], deadline: float | None = None) -> list[Outcome]:
-        """Queue `requests` and wait for all their outcomes; raise ApiError timeout at `deadline`."""
+    def expect(self) -> None:
+        """Announce a request that is still being read/prepared, so a lone queued request waits for it to join its
+        batch. Every `expect` is matched by `submit(..., expected=True)` or by `withdraw`."""
+        with self._cond:
+            self._expected += 1
+
+    def withdraw(self) -> None:
+        """An announced request will not be submitted (it failed before reaching the queue)."""
+        with self._cond:
+            self._expected -= 1
+            self._cond.notify()
+
+    async def submit(self, requests: Sequence[GenerationRequest], deadline: float | None = None, *,
+                     expected: bool = False) -> list[Outcome]:
+        """Queue `requests` and wait for all their outcomes; raise ApiError timeout at `deadline`. `expected`: this
+        is the request announced by `expect`."""
         loop = asyncio.get_running_loop()
         items = [_Item(r, loop.create_future(), loop) for r in requests]
         with self._cond:
+            if expected:
+                self._expected -= 1
+                self._cond.notify()
             self.check_room(len(items))
             self._queue.extend(items)
             self._cond.notify()
@@ -126,7 +146,10 @@ class Batcher:
             # arrived while the previous batch ran, since that batch ended: otherwise the one request that came
             # early would run alone while the rest of the next wave is still on its way.
             window_end = max(self._queue[0].enqueued, self._idle_since) + self.max_wait_s
+            found_idle = self._queue[0].enqueued >= self._idle_since
             while len(self._queue) < self.max_batch_size and not self._closing:
+                if found_idle and len(self._queue) == 1 and self._expected <= 0:
+                    break  # a lone request and nobody else on the way: run it now
                 remaining = window_end - time.monotonic()
                 if remaining <= 0:
                     break

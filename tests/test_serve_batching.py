@@ -1,6 +1,7 @@
 """Dynamic batching through a real uvicorn on 127.0.0.1 with the real tiny model.
 
-Concurrent greedy requests return exactly what each returns alone (and really were batched); mixed parameters
+Concurrent greedy requests return exactly what each returns alone (and really were batched); a lone request does
+not wait for a batch to fill; mixed parameters
 share a batch; a bad request in a batch fails alone; a full queue answers 503 `overloaded` at once; a request over
 its time budget answers 504 and the server goes on; /ping stays fast while long generations run.
 """
@@ -85,6 +86,21 @@ def test_a_bad_request_in_a_batch_fails_alone(batched, tiny_loaded):
     assert out[1].json()["error"]["code"] == "invalid_request" and out[3].json()["error"]["code"] == "invalid_image"
     assert [out[i].json()["answer"] for i in (0, 2, 4)] == expected
     assert max(recorder.batch_sizes) > 1  # the good ones still shared a batch
+
+
+def test_a_lone_request_does_not_wait_for_a_batch_but_a_burst_still_shares_one(tiny_loaded, tiny_artifact):
+    recorder = RecordingPredictor(Predictor(tiny_loaded))
+    cfg = serve_config(tiny_artifact, max_batch_size=8, max_wait_ms=2000)
+    with running_server(create_app(cfg, predictor_factory=lambda: recorder)) as base:
+        assert post(base, payload(0, max_new_tokens=2)).status_code == 200  # warm-up
+        started = time.monotonic()
+        lone = post(base, payload(1, max_new_tokens=2))
+        lone_s = time.monotonic() - started
+        recorder.batch_sizes.clear()
+        burst = concurrently(base, [payload(i, max_new_tokens=2) for i in range(4)])
+    assert lone.status_code == 200 and lone_s < 1.0  # not the 2 s batch window
+    assert [r.status_code for r in burst] == [200] * 4
+    assert max(recorder.batch_sizes) > 1  # the first of the burst waited for the others on their way
 
 
 def test_full_queue_answers_503_quickly_and_ping_stays_up(tiny_loaded, tiny_artifact):
