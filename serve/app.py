@@ -19,13 +19,17 @@ line (id, method, path, status, latency; never payload content) and returns its 
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
+import os
 import re
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from contextlib import asynccontextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -36,7 +40,7 @@ from starlette.responses import JSONResponse
 from serve.batching import Batcher
 from serve.config import MiB, ServeConfig
 from serve.errors import ApiError, error_response, internal_error, register_error_handlers
-from serve.images import ImagePolicy, decode_image, load_image
+from serve.images import ImagePolicy, decode_image, image_bytes, is_remote
 from serve.predictor import GenerationRequest, GenerationResult
 from serve.schema import GenerationParams, parse_json_body, parse_raw_params
 
@@ -49,13 +53,23 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
 class ServerState:
-    """What the endpoints share: the config, the image policy, and the batcher once the model is loaded."""
+    """What the endpoints share: the config, the image policy, the request-preparation executor, and the batcher
+    once the model is loaded."""
 
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
         self.policy = ImagePolicy.from_config(cfg)
         self.batcher: Batcher | None = None
         self.load_error: BaseException | None = None
+        # Image decode and Predictor.prepare hold the GIL for much of their time. On Starlette's 40-thread pool,
+        # dozens of them at once take turns with the generation thread and the event loop, and /ping waits behind
+        # all of them (p99 38 ms at concurrency 16 on 2 cores, 10 ms with this pool; docs/benchmarks.md). One thread
+        # per core, less the core the generation thread keeps busy, does the same work as fast.
+        self.prepare_pool = ThreadPoolExecutor(cfg.prepare_threads or max(1, (os.cpu_count() or 2) - 1),
+                                               thread_name_prefix="prepare")
+
+    async def in_prepare_pool(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.prepare_pool, functools.partial(fn, *args))
 
     @property
     def ready(self) -> bool:
@@ -111,6 +125,7 @@ def create_app(cfg: ServeConfig, *, predictor_factory: Callable[[], Any] | None 
             from starlette.concurrency import run_in_threadpool
 
             await run_in_threadpool(state.batcher.close, cfg.graceful_timeout_s)
+        state.prepare_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="llava-sagemaker serve", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
@@ -167,9 +182,7 @@ async def _invoke(state: ServerState, request: Request, started: float) -> JSONR
 async def _read_and_prepare(state: ServerState, batcher: Batcher, request: Request, deadline: float
                             ) -> tuple[list[GenerationRequest], bool]:
     """Check the content type, read the body and turn it into prepared GenerationRequests (+ whether it was a
-    batch), on the request-thread pool."""
-    from starlette.concurrency import run_in_threadpool
-
+    batch), on the prepare pool."""
     cfg = state.cfg
     content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if content_type not in JSON_TYPES + IMAGE_TYPES:
@@ -179,8 +192,13 @@ async def _read_and_prepare(state: ServerState, batcher: Batcher, request: Reque
     if content_type in JSON_TYPES:
         items, is_batch = parse_json_body(body, max_instances=cfg.max_instances, max_new_tokens=cfg.max_new_tokens)
         batcher.check_room(len(items))
-        requests = await run_in_threadpool(_requests_from_json, items, state.policy, deadline, is_batch,
-                                           batcher.predictor)
+        fetched = None
+        if any(is_remote(item.image) for item in items):
+            from starlette.concurrency import run_in_threadpool
+
+            fetched = await run_in_threadpool(_fetch_all, items, state.policy, deadline, is_batch)
+        requests = await state.in_prepare_pool(_requests_from_json, items, state.policy, deadline, is_batch,
+                                               batcher.predictor, fetched)
     else:
         attributes = parse_qsl(request.headers.get(CUSTOM_ATTRIBUTES, ""), keep_blank_values=True)
         params = parse_raw_params(request.query_params.multi_items(), attributes,
@@ -188,8 +206,8 @@ async def _read_and_prepare(state: ServerState, batcher: Batcher, request: Reque
         batcher.check_room(1)
         if not body:
             raise ApiError("invalid_image", "the body is empty; send the image bytes")
-        prepared = await run_in_threadpool(_request_from_image, body, params, cfg.max_image_pixels, deadline,
-                                           batcher.predictor)
+        prepared = await state.in_prepare_pool(_request_from_image, body, params, cfg.max_image_pixels, deadline,
+                                               batcher.predictor)
         requests, is_batch = [prepared], False
     return requests, is_batch
 
@@ -211,18 +229,35 @@ async def read_body_capped(request: Request, limit: int) -> bytes:
 # The request-thread half of the work: fetch/decode the image, shrink it for the model's image processor
 # (serve.preshrink), then render + tokenize + preprocess (Predictor.prepare), so the generation thread only
 # generates. Predictors without these hooks (e.g. test doubles) get the image as decoded.
-def _requests_from_json(items: list, policy: ImagePolicy, deadline: float, is_batch: bool,
-                        predictor: Any) -> list[GenerationRequest]:
+def _fetch_all(items: list, policy: ImagePolicy, deadline: float, is_batch: bool) -> list[bytes]:
+    """Every item's encoded image; network waits, so this runs on Starlette's big pool, not the prepare pool."""
+    fetched = []
+    for i, item in enumerate(items):
+        with _instance_errors(i, is_batch):
+            fetched.append(image_bytes(item.image, policy, deadline=deadline))
+    return fetched
+
+
+def _requests_from_json(items: list, policy: ImagePolicy, deadline: float, is_batch: bool, predictor: Any,
+                        fetched: list[bytes] | None = None) -> list[GenerationRequest]:
     shrink = getattr(predictor, "image_processor", None)
     requests = []
     for i, item in enumerate(items):
-        try:
-            image = load_image(item.image, policy, deadline=deadline, shrink_for=shrink)
+        with _instance_errors(i, is_batch):
+            data = fetched[i] if fetched is not None else image_bytes(item.image, policy, deadline=deadline)
+            image = decode_image(data, policy.max_pixels, shrink_for=shrink)
             requests.append(_prepared(predictor, _generation_request(item, image, deadline)))
-        except ApiError as e:
-            where = f"instances.{i}" + (".image" if e.code != "invalid_request" else "")
-            raise ApiError(e.code, f"{where}: {e.message}" if is_batch else e.message) from None
     return requests
+
+
+@contextmanager
+def _instance_errors(i: int, is_batch: bool):
+    """Name the instance (and its image) in an error of a batch request."""
+    try:
+        yield
+    except ApiError as e:
+        where = f"instances.{i}" + (".image" if e.code != "invalid_request" else "")
+        raise ApiError(e.code, f"{where}: {e.message}" if is_batch else e.message) from None
 
 
 def _request_from_image(body: bytes, params: GenerationParams, max_pixels: int, deadline: float,

@@ -52,6 +52,7 @@ class ServeConfig:
     max_instances: int = 16  # instances in one {"instances": [...]} request
     graceful_timeout_s: float = 25.0  # SageMaker sends SIGKILL 30 s after SIGTERM
     torch_threads: int = 0  # torch CPU threads; 0 keeps torch's default (1 is best on small shared CPU hosts)
+    prepare_threads: int = 0  # threads decoding images + preparing inputs; 0 = CPU cores - 1 (at least 1)
     log_level: str = "INFO"
     # CUDA decode speed-ups (serve/accel.py): parsed here so a bad value stops start-up like any other variable
     accel_mode: str = "auto"  # auto = on with CUDA, off on CPU
@@ -205,6 +206,7 @@ ENV_VARS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "max_instances": ("SERVE_MAX_INSTANCES", _int(1, 256)),
     "graceful_timeout_s": ("SERVE_GRACEFUL_TIMEOUT_S", _float(0, strict=False)),
     "torch_threads": ("SERVE_TORCH_THREADS", _int(0, 1024)),
+    "prepare_threads": ("SERVE_PREPARE_THREADS", _int(0, 256)),
     "log_level": ("SERVE_LOG_LEVEL", _choice(LOG_LEVELS, upper=True)),
     "accel_mode": ("SERVE_ACCEL", _accel_mode),
     "accel_batch_buckets": ("SERVE_ACCEL_BATCH_BUCKETS", _buckets),

@@ -56,6 +56,17 @@ class ImagePolicy:
 def load_image(ref: str, policy: ImagePolicy, *, deadline: float | None = None, shrink_for: Any = None):
     """Fetch or decode `ref` into a PIL RGB image, or raise ApiError (invalid_image, image_too_large,
     url_not_allowed, image_fetch_failed, timeout)."""
+    return decode_image(image_bytes(ref, policy, deadline=deadline), policy.max_pixels, shrink_for=shrink_for)
+
+
+def is_remote(ref: str) -> bool:
+    """Whether getting `ref`'s bytes means network I/O (an http(s) or s3 fetch), not just decoding."""
+    return ref.lstrip()[:10].lower().startswith(("http://", "https://", "s3://"))
+
+
+def image_bytes(ref: str, policy: ImagePolicy, *, deadline: float | None = None) -> bytes:
+    """The encoded image `ref` stands for: fetched (http(s), s3) or decoded (data: URI, base64); ApiError as
+    `load_image`."""
     ref = ref.strip()
     lowered = ref[:10].lower()
     if lowered.startswith("data:"):
@@ -70,7 +81,7 @@ def load_image(ref: str, policy: ImagePolicy, *, deadline: float | None = None, 
                                           "a data: URI or base64")
     else:
         data = decode_base64(ref)
-    return decode_image(data, policy.max_pixels, shrink_for=shrink_for)
+    return data
 
 
 # ---------------------------------------------------------------------------------------------- decoding

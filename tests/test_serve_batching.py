@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -101,6 +102,28 @@ def test_a_lone_request_does_not_wait_for_a_batch_but_a_burst_still_shares_one(t
     assert lone.status_code == 200 and lone_s < 1.0  # not the 2 s batch window
     assert [r.status_code for r in burst] == [200] * 4
     assert max(recorder.batch_sizes) > 1  # the first of the burst waited for the others on their way
+
+
+class ThreadRecordingPredictor(RecordingPredictor):
+    """The real predictor, recording which thread prepared each request."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.prepare_threads: set[str] = set()
+
+    def prepare(self, request):
+        self.prepare_threads.add(threading.current_thread().name)
+        return self.inner.prepare(request)
+
+
+def test_inputs_are_prepared_on_the_small_prepare_pool(tiny_loaded, tiny_artifact):
+    recorder = ThreadRecordingPredictor(Predictor(tiny_loaded))
+    cfg = serve_config(tiny_artifact, prepare_threads=2)
+    with running_server(create_app(cfg, predictor_factory=lambda: recorder)) as base:
+        out = concurrently(base, [payload(i, max_new_tokens=2) for i in range(8)])
+    assert [r.status_code for r in out] == [200] * 8
+    assert recorder.prepare_threads and len(recorder.prepare_threads) <= 2
+    assert all(name.startswith("prepare") for name in recorder.prepare_threads), recorder.prepare_threads
 
 
 def test_full_queue_answers_503_quickly_and_ping_stays_up(tiny_loaded, tiny_artifact):

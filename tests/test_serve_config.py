@@ -37,6 +37,7 @@ def test_every_variable_is_read():
            "SERVE_FETCH_ALLOW_NETWORKS": "127.0.0.0/8, 10.1.2.3", "SERVE_MAX_BATCH_SIZE": "4",
            "SERVE_MAX_WAIT_MS": "0", "SERVE_MAX_QUEUE": "3", "SERVE_MAX_INSTANCES": "2",
            "SERVE_GRACEFUL_TIMEOUT_S": "7", "SERVE_TORCH_THREADS": "1", "SERVE_LOG_LEVEL": "debug",
+           "SERVE_PREPARE_THREADS": "3",
            "SERVE_ACCEL": "off", "SERVE_ACCEL_BATCH_BUCKETS": "8, 1,4", "SERVE_ACCEL_CACHE_BUCKET": "128",
            "SERVE_ACCEL_CACHE_GIB": "2.5"}
     assert set(env) == {var for var, _ in ENV_VARS.values()}
@@ -48,7 +49,7 @@ def test_every_variable_is_read():
     assert (cfg.request_timeout_s, cfg.fetch_timeout_s, cfg.fetch_max_redirects) == (1.5, 2.0, 0)
     assert cfg.fetch_allow_networks == (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("10.1.2.3/32"))
     assert (cfg.max_batch_size, cfg.max_wait_ms, cfg.max_queue, cfg.max_instances) == (4, 0.0, 3, 2)
-    assert (cfg.graceful_timeout_s, cfg.torch_threads, cfg.log_level) == (7.0, 1, "DEBUG")
+    assert (cfg.graceful_timeout_s, cfg.torch_threads, cfg.log_level, cfg.prepare_threads) == (7.0, 1, "DEBUG", 3)
     assert "fetch_allow_networks=127.0.0.0/8,10.1.2.3/32" in cfg.summary()
     accel = cfg.accel_config()
     assert (accel.mode, accel.batch_buckets, accel.cache_bucket, accel.cache_gib) == ("off", (1, 4, 8), 128, 2.5)
@@ -59,7 +60,8 @@ def test_every_bad_value_is_reported_at_once_naming_its_variable():
     env = {"SAGEMAKER_BIND_TO_PORT": "80a", "SERVE_QUANTIZATION": "int8", "SERVE_MAX_BATCH_SIZE": "0",
            "SERVE_REQUEST_TIMEOUT_S": "nan", "SERVE_FETCH_ALLOW_NETWORKS": "10.0.0.0/8,not-a-net",
            "SERVE_DEVICE": "tpu", "SERVE_LOG_LEVEL": "loud", "SERVE_MAX_WAIT_MS": "-1", "SERVE_ACCEL": "fast",
-           "SERVE_ACCEL_BATCH_BUCKETS": "1,x", "SERVE_ACCEL_CACHE_BUCKET": "0", "SERVE_ACCEL_CACHE_GIB": "inf"}
+           "SERVE_ACCEL_BATCH_BUCKETS": "1,x", "SERVE_ACCEL_CACHE_BUCKET": "0", "SERVE_ACCEL_CACHE_GIB": "inf",
+           "SERVE_PREPARE_THREADS": "-1"}
     with pytest.raises(ConfigError) as info:
         ServeConfig.from_env(env)
     problems = info.value.problems
