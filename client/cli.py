@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMAND_MODULES = (
@@ -47,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:  # `llava-sm train --dry-run | head`: the reader left, nothing is wrong
+        # Point stdout at /dev/null so the interpreter's final flush does not fail again (Python docs, "SIGPIPE").
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OptionsError as e:
         print(f"llava-sm {args.command}: {e}", file=sys.stderr)
         return 2

@@ -74,3 +74,21 @@ def test_console_script_is_installed():
     assert proc.returncode == 0
     for command in ("train", "package", "deploy", "predict", "delete"):
         assert command in proc.stdout
+
+
+def test_dry_run_into_a_closed_pipe_exits_quietly():
+    """`llava-sm train --dry-run | head -1`: the reader leaves early; no traceback, exit 0."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "AWS_DEFAULT_REGION": "us-east-1"}
+    cmd = [sys.executable, "-m", "client.cli", "train", "--image-uri",
+           "123456789012.dkr.ecr.us-east-1.amazonaws.com/llava-sm-train:latest",
+           "--role", "arn:aws:iam::123456789012:role/SageMakerRole", "--output-path", "s3://my-bucket/output/",
+           "--train", "s3://my-bucket/data/train/", "--dry-run"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # the reader is gone before the request is printed
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr
