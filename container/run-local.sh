@@ -40,20 +40,9 @@ fi
 [[ $port =~ ^[0-9]+$ ]] || die "--port must be a number, not $port"
 model=$(cd "$model" && pwd)
 
-if [ -z "$engine" ]; then
-    if command -v docker >/dev/null; then engine=docker; elif command -v podman >/dev/null; then engine=podman; fi
-fi
-case "$engine" in
-    docker | podman) ;;
-    "") die "neither docker nor podman is installed" ;;
-    *) die "--engine must be docker or podman, not $engine" ;;
-esac
+# shellcheck source=container/run-common.sh
+. "$(dirname "$0")/run-common.sh"
 image=${image:-llava-sm-serve:$([ "$cpu" = 1 ] && echo cpu || echo latest)}
-
-gpu=()
-if [ "$cpu" = 0 ]; then
-    if [ "$engine" = docker ]; then gpu=(--gpus all); else gpu=(--device nvidia.com/gpu=all); fi
-fi
 publish="127.0.0.1:$port:8080"
 [ "$port" != 0 ] || publish="127.0.0.1::8080"
 

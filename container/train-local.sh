@@ -71,19 +71,9 @@ path.write_text(json.dumps(values, indent=2) + "\n")
 PY
 fi
 
-if [ -z "$engine" ]; then
-    if command -v docker >/dev/null; then engine=docker; elif command -v podman >/dev/null; then engine=podman; fi
-fi
-case "$engine" in
-    docker | podman) ;;
-    "") die "neither docker nor podman is installed" ;;
-    *) die "--engine must be docker or podman, not $engine" ;;
-esac
+# shellcheck source=container/run-common.sh
+. "$(dirname "$0")/run-common.sh"
 image=${image:-llava-sm-train:$([ "$cpu" = 1 ] && echo cpu || echo latest)}
-gpu=()
-if [ "$cpu" = 0 ]; then
-    if [ "$engine" = docker ]; then gpu=(--gpus all); else gpu=(--device nvidia.com/gpu=all); fi
-fi
 
 # Data channels are read-only, as in FastFile mode; PyTorch's data loader workers need more than 64 MB of /dev/shm.
 exec "$engine" run --rm "${gpu[@]}" --shm-size 2g \

@@ -24,6 +24,14 @@ def sagemaker_tree(base: Path, hyperparameters: dict[str, str]) -> Path:
     return base
 
 
+def wait_for_checkpoint(job: subprocess.Popen, checkpoint: Path, timeout: float = 240) -> None:
+    """Block until the running job has written `checkpoint` completely (its trainer state is saved last)."""
+    deadline = time.monotonic() + timeout
+    while not (checkpoint / "trainer_state.json").exists():
+        assert job.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
+        time.sleep(0.05)
+
+
 @pytest.fixture
 def dataset(tmp_path):
     data, images = write_tiny_dataset(tmp_path / "data", n=8)
@@ -93,10 +101,7 @@ def test_killed_run_resumes_from_its_newest_complete_checkpoint(tmp_path, datase
     first = subprocess.Popen([sys.executable, "-m", "train", *argv], cwd=REPO, env=train_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 240
-        while not (out / "checkpoint-2" / "trainer_state.json").exists():
-            assert first.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
-            time.sleep(0.05)
+        wait_for_checkpoint(first, out / "checkpoint-2")
         first.send_signal(signal.SIGKILL)  # as a spot interruption would, mid-training
     finally:
         first.wait(timeout=60)
@@ -135,10 +140,7 @@ def test_sigterm_stops_the_job_with_a_failure_file_and_exit_143(tmp_path, datase
     job = subprocess.Popen([sys.executable, "-m", "train", *argv], cwd=REPO, env=train_env(SM_BASE_DIR=str(base)),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 240
-        while not (out / "checkpoint-2" / "trainer_state.json").exists():
-            assert job.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
-            time.sleep(0.05)
+        wait_for_checkpoint(job, out / "checkpoint-2")
         job.send_signal(signal.SIGTERM)
         assert job.wait(timeout=60) == 143
     finally:
