@@ -133,7 +133,8 @@ def decode_image(data: bytes, max_pixels: int, *, shrink_for: Any = None):
         if shrink_for is not None:
             preshrink.draft(img, shrink_for)
         img.load()
-        img = to_rgb(ImageOps.exif_transpose(img))
+        ImageOps.exif_transpose(img, in_place=True)  # not a copy of every image without an orientation (0.6 ms)
+        img = to_rgb(img)
         return preshrink.preshrink(img, shrink_for) if shrink_for is not None else img
     except Image.DecompressionBombError:
         raise ApiError("image_too_large", f"image has more than {max_pixels} pixels") from None

@@ -135,3 +135,17 @@ def test_server_decode_path_returns_shrunk_images(tiny_artifact):
         ref = _pixels(processor, decode_image(data, 25_000_000))
         diff = _levels(processor, ref, _pixels(processor, shrunk))
         assert diff.max() <= MAX_LEVELS and diff.mean() <= 4 * MEAN_LEVELS, (fmt, diff.max(), diff.mean())
+
+
+@pytest.mark.parametrize("size", [(800, 600), (600, 800), (801, 333), (337, 900), (500, 500)])
+@pytest.mark.parametrize("resample", [0, 1, 2, 3, 4, 5])
+def test_band_resize_equals_resizing_the_whole_padded_square(size, resample):
+    from serve.preshrink import _pad_resize, _pad_square
+
+    image, colour = chart_image(*size), (122, 116, 104)
+    for out in ((336, 336), (224, 200)):
+        whole = np.asarray(_pad_square(image, colour).resize(out, resample=resample), dtype=np.int16)
+        band = np.asarray(_pad_resize(image, colour, out, resample), dtype=np.int16)
+        assert band.shape == whole.shape
+        assert np.abs(whole - band).max() <= 1  # the band's box is a float: rounding moves a few pixels one level
+        assert (whole != band).any(axis=2).mean() < 0.01
