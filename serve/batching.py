@@ -2,8 +2,8 @@
 
 The event loop only enqueues and awaits; all generation runs on the `generation` thread, so `/ping` never waits on
 the model. A batch starts when `max_batch_size` requests are waiting or when the oldest has waited `max_wait_ms`,
-except that a lone request that found the generation thread idle, with no other request announced (`expect`) and
-still being read or prepared, starts at once: nothing could join its batch, so waiting would only add latency.
+except that a lone request, with no other request announced (`expect`) and still being read or prepared, starts
+as soon as the generation thread is free: nothing could join its batch, so waiting would only add latency.
 Each request gets its outcome the moment the predictor reports it (short answers do not wait for long ones);
 a request past its deadline is answered 504 while the rest of its batch goes on; a request whose preparation fails
 fails alone. The queue is bounded: beyond `max_queue` waiting requests, `submit` answers 503 `overloaded` at once.
@@ -145,11 +145,12 @@ class Batcher:
             # Gather until the batch is full or max_wait has passed since the oldest request arrived or, if it
             # arrived while the previous batch ran, since that batch ended: otherwise the one request that came
             # early would run alone while the rest of the next wave is still on its way.
+            # A lone request with no other announced one on its way runs now. (Not only one that arrived after the
+            # last batch ended: replies go out row by row, so a client's next request often arrives before that.)
             window_end = max(self._queue[0].enqueued, self._idle_since) + self.max_wait_s
-            found_idle = self._queue[0].enqueued >= self._idle_since
             while len(self._queue) < self.max_batch_size and not self._closing:
-                if found_idle and len(self._queue) == 1 and self._expected <= 0:
-                    break  # a lone request and nobody else on the way: run it now
+                if len(self._queue) == 1 and self._expected <= 0:
+                    break
                 remaining = window_end - time.monotonic()
                 if remaining <= 0:
                     break
