@@ -86,6 +86,11 @@ def image_bytes(ref: str, policy: ImagePolicy, *, deadline: float | None = None)
 
 # ---------------------------------------------------------------------------------------------- decoding
 def decode_base64(text: str) -> bytes:
+    if text and len(text) % 4 == 0:
+        try:  # the usual case (padded standard base64, no whitespace) without the regex pass over it (0.3 ms/MB)
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            pass
     compact = re.sub(r"\s+", "", text)
     if not compact:
         raise ApiError("invalid_image", "image is empty")
