@@ -114,11 +114,13 @@ def test_blog_command_line_is_accepted_with_notes_and_refusals(files, no_sagemak
 def test_config_problems_are_reported_together(no_sagemaker, tmp_path):
     with pytest.raises(ConfigError) as err:
         resolve_config(["--bits", "8", "--evaluation_strategy", "steps", "--image_aspect_ratio", "anyres",
-                        "--data_path", str(tmp_path / "missing.json"), "--version", "v9"], no_sagemaker)
+                        "--data_path", str(tmp_path / "missing.json"), "--version", "v9",
+                        "--attn_implementation", "xformers"], no_sagemaker)
     problems = "\n".join(err.value.problems)
     for expected in ("model_name_or_path is required", "output_dir is required", "missing.json is not a file",
                      "--bits 8 needs --lora_enable True", "needs --validation_data_path",
-                     "image_aspect_ratio must be pad or crop", "version 'v9' is unknown"):
+                     "image_aspect_ratio must be pad or crop", "version 'v9' is unknown",
+                     "attn_implementation must be one of sdpa, eager, flash_attention_2, got 'xformers'"):
         assert expected in problems
 
 
@@ -227,3 +229,14 @@ def test_metric_definitions_fit_sagemaker_limits():
     names = {d["Name"] for d in METRIC_DEFINITIONS}
     assert {"loss", "learning_rate", "epoch", "grad_norm", "train_runtime", "train_samples_per_second",
             "train_steps_per_second", "train_loss", "eval_loss", "eval_accuracy"} <= names
+
+
+def test_flash_attention_without_the_package_is_refused_up_front(no_sagemaker, files):
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    with pytest.raises(ConfigError, match="needs the flash-attn package"):
+        resolve_config(required(files) + ["--attn_implementation", "flash_attention_2"], no_sagemaker)
+    assert resolve_config(required(files) + ["--attn_implementation", "eager"], no_sagemaker).config \
+        .attn_implementation == "eager"

@@ -13,6 +13,7 @@ True` is refused, `--lazy_preprocess` is a note) and against the checkpoint in t
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import typing
 from collections.abc import Mapping, Sequence
@@ -75,6 +76,8 @@ class TrainConfig:
     fp16: bool = _f(False, "float16 mixed precision (older GPUs)")
     tf32: bool | None = _f(None, "allow TF32 matmuls (Ampere or newer; ignored with a warning elsewhere)")
     gradient_checkpointing: bool = _f(True, "recompute activations in the backward pass to save memory")
+    attn_implementation: str = _f("sdpa", "attention kernel: sdpa | eager | flash_attention_2 (needs flash-attn and "
+                                          "a CUDA GPU; the training image installs it with --flash-attn)")
     deepspeed: str | None = _f(None, "DeepSpeed config: a JSON file or zero2 | zero3 | zero3_offload")
     seed: int = _f(42, "random seed")
     # Evaluation, checkpoints, logs
@@ -296,6 +299,9 @@ def deepspeed_stage(path: str) -> int:
     return int(data.get("zero_optimization", {}).get("stage", 0))
 
 
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
+
 def validate(cfg: TrainConfig) -> list[str]:
     """Every problem of the resolved config (model-specific checks live in train/modeling.py)."""
     from train.templates import CHAT_TEMPLATES
@@ -327,6 +333,12 @@ def validate(cfg: TrainConfig) -> list[str]:
                      f"tokens (LLaVA-1.5 itself trained with False)")
     if cfg.bf16 and cfg.fp16:
         p.append("choose one of --bf16 and --fp16")
+    if cfg.attn_implementation not in ATTN_IMPLEMENTATIONS:
+        p.append(f"attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, "
+                 f"got {cfg.attn_implementation!r}")
+    elif cfg.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        p.append("attn_implementation flash_attention_2 needs the flash-attn package (build the training image with "
+                 "container/build.sh --flash-attn ...), or use sdpa")
     for name in ("evaluation_strategy", "save_strategy"):
         if getattr(cfg, name) not in STRATEGIES:
             p.append(f"{name} must be one of {', '.join(STRATEGIES)}, got {getattr(cfg, name)!r}")

@@ -123,11 +123,12 @@ def build_model(cfg: TrainConfig, *, device: Any) -> Any:
 
     cuda = device.type == "cuda"
     quant = quantization_config(cfg, cuda=cuda)
-    kwargs: dict[str, Any] = {"dtype": compute_dtype(cfg, cuda=cuda)}
+    kwargs: dict[str, Any] = {"dtype": compute_dtype(cfg, cuda=cuda), "attn_implementation": cfg.attn_implementation}
     if quant is not None:
         # Quantised weights are placed at load time, one full copy per process (ZeRO-2 / DDP, never ZeRO-3).
         kwargs.update(quantization_config=quant, device_map={"": device})
-    log.info("loading %s (bits=%d, dtype=%s)", cfg.model_name_or_path, cfg.bits, kwargs["dtype"])
+    log.info("loading %s (bits=%d, dtype=%s, attention=%s)", cfg.model_name_or_path, cfg.bits, kwargs["dtype"],
+             cfg.attn_implementation)
     model = LlavaForConditionalGeneration.from_pretrained(cfg.model_name_or_path, **kwargs)
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
     if quant is not None:
