@@ -11,8 +11,6 @@ import io
 import json
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -87,40 +85,16 @@ def image_host():
 
 @pytest.fixture(scope="module")
 def server_url(tiny_artifact, tmp_path_factory):
-    port = _free_port()
-    env = {**os.environ, "SM_MODEL_DIR": tiny_artifact, "SAGEMAKER_BIND_TO_PORT": str(port),
-           "SERVE_HOST": "127.0.0.1", "SERVE_TORCH_THREADS": "1", "SERVE_MAX_IMAGE_PIXELS": str(MAX_PIXELS),
+    """The real `python -m serve` on the tiny model, started the way the demo starts it (client.demo)."""
+    from client.demo import running_server
+
+    env = {"SERVE_TORCH_THREADS": "1", "SERVE_MAX_IMAGE_PIXELS": str(MAX_PIXELS),
            "SERVE_MAX_PAYLOAD_BYTES": str(MAX_PAYLOAD), "SERVE_MAX_NEW_TOKENS": str(MAX_NEW_TOKENS),
            "SERVE_FETCH_ALLOW_NETWORKS": "127.0.0.2/32", "SERVE_REQUEST_TIMEOUT_S": str(BUDGET_S),
            "SERVE_FETCH_TIMEOUT_S": "30"}
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "serve"], env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(url, proc, log, timeout_s=120)
+    with running_server(tiny_artifact, log_path=log, timeout_s=120, env=env) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def _wait_ready(url, proc, log, timeout_s):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"python -m serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/ping", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"server not ready after {timeout_s} s:\n{log.read_text()[-3000:]}")
 
 
 def test_answers_for_every_image_kind(server_url, image_host, tmp_path):
