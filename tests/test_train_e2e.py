@@ -174,6 +174,17 @@ def test_merge_cli_errors_are_clear(lora_run, tmp_path, caplog):
     assert "is not available here; pass --base_model" in caplog.text
 
 
+def test_merge_cli_refuses_an_unknown_version_before_loading_anything(lora_run, tmp_path, capsys):
+    from train.merge import main as merge_main
+
+    with pytest.raises(SystemExit) as exc:
+        merge_main(["--adapter", str(lora_run["out"] / "adapter"), "--output_dir", str(tmp_path / "c"),
+                    "--version", "bogus"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'bogus'" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
 def test_full_finetune_in_a_fake_sagemaker_tree(tmp_path, tiny_artifact, monkeypatch, caplog):
     """String hyperparameters, channels, /opt/ml/model and /opt/ml/checkpoints, all under one overridable base."""
     from train.__main__ import main

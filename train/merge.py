@@ -113,12 +113,13 @@ def merge_checkpoint(adapter_dir: str | Path, output_dir: str | Path, *, base_mo
 
 def main(argv: list[str] | None = None) -> int:
     from train.logs import setup_logging
+    from train.templates import CHAT_TEMPLATES
 
     parser = argparse.ArgumentParser(prog="python -m train.merge", description=__doc__.splitlines()[0])
     parser.add_argument("--adapter", required=True, help="LoRA checkpoint dir (checkpoint-N or the final adapter)")
     parser.add_argument("--output_dir", required=True, help="where the merged model dir is written")
     parser.add_argument("--base_model", help="base model dir (default: the one recorded in the checkpoint)")
-    parser.add_argument("--version", help="chat template (default: the checkpoint's)")
+    parser.add_argument("--version", choices=sorted(CHAT_TEMPLATES), help="chat template (default: the checkpoint's)")
     parser.add_argument("--image_aspect_ratio", choices=("pad", "crop"), help="default: the checkpoint's")
     parser.add_argument("--dtype", choices=DTYPES, default="auto",
                         help="merged weights: auto = training precision on a GPU, float32 on CPU")
