@@ -212,17 +212,31 @@ async def _read_and_prepare(state: ServerState, batcher: Batcher, request: Reque
     return requests, is_batch
 
 
+# A body over the cap is still read, and thrown away, up to this size before the 413 goes out: a socket closed with
+# unread data is reset by the kernel, and a client that sends its whole body before reading the answer (urllib, so
+# client.predict) then sees "connection reset" (and retries) instead of payload_too_large.
+DRAIN_MAX_BYTES = 64 * MiB
+
+
 async def read_body_capped(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as the declared length or the bytes received pass `limit`."""
+    """The body, refused with 413 once the declared length or the bytes received pass `limit` (nothing past the
+    limit is kept)."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise ApiError("payload_too_large", f"body is {declared} bytes; the limit is {limit}")
+    over = declared.isdigit() and int(declared) > limit
+    message = f"body is {declared} bytes; the limit is {limit}" if over else f"body is over the {limit}-byte limit"
+    if over and int(declared) > DRAIN_MAX_BYTES:
+        raise ApiError("payload_too_large", message)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > limit:
-            raise ApiError("payload_too_large", f"body is over the {limit}-byte limit")
+        over = over or size > limit
+        if over:
+            if size > DRAIN_MAX_BYTES:
+                break
+            continue
         chunks.append(chunk)
+    if over:
+        raise ApiError("payload_too_large", message)
     return b"".join(chunks)
 
 
