@@ -172,6 +172,10 @@ def test_merge_cli_errors_are_clear(lora_run, tmp_path, caplog):
     assert merge_main(["--adapter", str(lora_run["out"] / "adapter"), "--output_dir", str(tmp_path / "b"),
                        "--base_model", str(tmp_path / "nowhere")]) == 2
     assert "is not available here; pass --base_model" in caplog.text
+    (tmp_path / "empty").mkdir()
+    assert merge_main(["--adapter", str(lora_run["out"] / "adapter"), "--output_dir", str(tmp_path / "d"),
+                       "--base_model", str(tmp_path / "empty")]) == 2
+    assert "(given by --base_model) has no config.json: not a model dir" in caplog.text
 
 
 def test_merge_cli_refuses_an_unknown_version_before_loading_anything(lora_run, tmp_path, capsys):

@@ -93,8 +93,12 @@ def merge_checkpoint(adapter_dir: str | Path, output_dir: str | Path, *, base_mo
     adapter_dir = Path(adapter_dir)
     adapter_config, training = read_adapter_info(adapter_dir)
     base = base_model or training.get("model_name_or_path") or adapter_config.get("base_model_name_or_path")
+    origin = "given by --base_model" if base_model else "recorded in the checkpoint"
     if not base or not Path(base).exists():
-        raise MergeError(f"base model {base!r} (from the checkpoint) is not available here; pass --base_model")
+        raise MergeError(f"base model {base!r} ({origin}) is not available here; pass --base_model with a local "
+                         "model dir")
+    if not (Path(base) / "config.json").is_file():
+        raise MergeError(f"base model {base!r} ({origin}) has no config.json: not a model dir")
     version = version or training.get("version") or "v1"
     aspect = image_aspect_ratio or training.get("image_aspect_ratio") or "pad"
     cuda = torch.cuda.is_available()
