@@ -37,10 +37,12 @@ class OptionsError(ValueError):
         super().__init__("invalid options:\n" + "\n".join(f"  - {p}" for p in self.problems))
 
 
-def option(default: Any = None, help: str = "", *, required: bool = False, flag: str | None = None) -> Any:
-    """A dataclass field that is also a CLI flag and a YAML key."""
+def option(default: Any = None, help: str = "", *, required: bool = False, flag: str | None = None,
+           split: bool = True) -> Any:
+    """A dataclass field that is also a CLI flag and a YAML key. `split=False`: a list flag whose values are text
+    (stop strings), taken verbatim instead of split on commas and stripped."""
     factory = {dict: dict, list: list}.get(type(default))
-    meta = {"help": help, "required": required, "flag": flag}
+    meta = {"help": help, "required": required, "flag": flag, "split": split}
     if factory:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -81,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str
         elif kind == "map":
             kwargs.update(action="append", metavar="KEY=VALUE")
         elif kind == "list":
-            kwargs.update(action="append", metavar="A[,B]")
+            kwargs.update(action="append", metavar="A[,B]" if f.metadata.get("split", True) else "TEXT")
         else:
             kwargs["type"] = {"int": int, "float": float}.get(kind, str)
         parser.add_argument(flag_name(f), **kwargs)
@@ -129,7 +131,7 @@ def resolve(cls: type, args: argparse.Namespace, command: str) -> tuple[Any, dic
             values[f.name], sources[f.name] = value, "yaml"
         flag_value = getattr(args, f.name, None)
         if flag_value is not None:
-            value, problem = _from_flag(flag_value, kind, flag_name(f))
+            value, problem = _from_flag(flag_value, kind, flag_name(f), split=f.metadata.get("split", True))
             if problem:
                 problems.append(problem)
                 continue
@@ -170,7 +172,7 @@ def _from_yaml(value: Any, kind: str, name: str) -> tuple[Any, str | None]:
     return str(value), None
 
 
-def _from_flag(value: Any, kind: str, flag: str) -> tuple[Any, str | None]:
+def _from_flag(value: Any, kind: str, flag: str, *, split: bool = True) -> tuple[Any, str | None]:
     if kind == "map":
         out: dict[str, str] = {}
         for item in value:
@@ -179,6 +181,8 @@ def _from_flag(value: Any, kind: str, flag: str) -> tuple[Any, str | None]:
                 return None, f"{flag} {item!r}: expected KEY=VALUE"
             out[key] = val
         return out, None
+    if kind == "list" and not split:
+        return list(value), None
     if kind == "list":
         return [part.strip() for item in value for part in item.split(",") if part.strip()], None
     return value, None

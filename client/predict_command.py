@@ -26,7 +26,7 @@ class PredictOptions:
     temperature: float | None = option(help="sampling temperature (0 = greedy; default: the model's)")
     top_p: float | None = option(help="nucleus sampling mass (0-1]")
     max_new_tokens: int | None = option(help="answer length cap in tokens")
-    stop: list[str] = option([], "stop string(s)")
+    stop: list[str] = option([], "stop string; repeat for more (taken verbatim: no comma splitting)", split=False)
     timeout: float = option(120.0, "seconds to wait for the answer")
     retries: int = option(3, "extra attempts after a connection failure or a busy (503) server")
     region: str | None = option(help="AWS region (default: profile / AWS_DEFAULT_REGION)")

@@ -255,6 +255,18 @@ def test_predict_validation_errors(args, expected, capsys):
     assert expected in _problems(["predict", "img.png", "What?", *args], capsys)
 
 
+def test_predict_stop_strings_are_taken_verbatim():
+    """Stop strings are text: a newline, a comma or a leading space must reach the server as given (list flags of
+    ids such as --subnets split on commas and strip; --stop must not)."""
+    from client import options as o
+    from client.cli import build_parser
+    from client.predict_command import PredictOptions
+
+    args = build_parser().parse_args(["predict", "img.png", "What?", "--stop", "\n", "--stop", "a, b", "--stop", " x"])
+    opts, _ = o.resolve(PredictOptions, args, "predict")
+    assert opts.stop == ["\n", "a, b", " x"]
+
+
 def test_delete_validation(capsys):
     assert "endpoint_name: 'bad_name'" in _problems(["delete", "--endpoint-name", "bad_name"], capsys)
 
