@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from train.checkpoints import find_resume_checkpoint
-from train.config import ConfigError, deepspeed_dir, deepspeed_stage, resolve_config
+from train.config import LR_SCHEDULERS, ConfigError, deepspeed_dir, deepspeed_stage, resolve_config
 from train.launch import ensure_rendezvous_env, torchrun_command
 from train.logs import METRIC_DEFINITIONS
 from train.sagemaker_env import ResourceConfig, SageMakerConfigError, SageMakerPaths
@@ -240,3 +240,13 @@ def test_flash_attention_without_the_package_is_refused_up_front(no_sagemaker, f
         resolve_config(required(files) + ["--attn_implementation", "flash_attention_2"], no_sagemaker)
     assert resolve_config(required(files) + ["--attn_implementation", "eager"], no_sagemaker).config \
         .attn_implementation == "eager"
+
+
+def test_unknown_lr_scheduler_is_a_config_error_and_the_list_matches_transformers(no_sagemaker, files):
+    from transformers.trainer_utils import SchedulerType
+
+    assert set(LR_SCHEDULERS) == {s.value for s in SchedulerType}
+    with pytest.raises(ConfigError, match="lr_scheduler_type must be one of linear, cosine, .*got 'bogus'"):
+        resolve_config(required(files) + ["--lr_scheduler_type", "bogus"], no_sagemaker)
+    assert resolve_config(required(files) + ["--lr_scheduler_type", "linear"], no_sagemaker).config \
+        .lr_scheduler_type == "linear"

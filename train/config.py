@@ -24,6 +24,10 @@ from typing import Any
 from train.sagemaker_env import SageMakerPaths
 
 STRATEGIES = ("no", "steps", "epoch")
+# transformers' SchedulerType values, spelled out so validation needs no torch import (a test keeps them in step).
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+                 "warmup_stable_decay", "greedy")
 DEEPSPEED_PRESETS = ("zero2", "zero3", "zero3_offload")
 ALIASES = {"eval_strategy": "evaluation_strategy"}  # transformers' current name for the blog's flag
 SAGEMAKER_RESERVED_PREFIX = "sagemaker_"  # keys the SageMaker SDK adds to hyperparameters.json
@@ -342,6 +346,8 @@ def validate(cfg: TrainConfig) -> list[str]:
     for name in ("evaluation_strategy", "save_strategy"):
         if getattr(cfg, name) not in STRATEGIES:
             p.append(f"{name} must be one of {', '.join(STRATEGIES)}, got {getattr(cfg, name)!r}")
+    if cfg.lr_scheduler_type not in LR_SCHEDULERS:
+        p.append(f"lr_scheduler_type must be one of {', '.join(LR_SCHEDULERS)}, got {cfg.lr_scheduler_type!r}")
     if cfg.evaluation_strategy != "no" and cfg.validation_data_path is None:
         p.append(f"--evaluation_strategy {cfg.evaluation_strategy} needs --validation_data_path")
     for name in ("lora_r", "lora_alpha", "per_device_train_batch_size", "per_device_eval_batch_size",
