@@ -67,9 +67,11 @@ class BatchRequest(BaseModel):
 def parse_json_body(body: bytes, *, max_instances: int, max_new_tokens: int) -> tuple[list[InvocationRequest], bool]:
     """JSON bytes -> (requests, is_batch). Raises ApiError invalid_json / invalid_request."""
     try:
-        obj = json.loads(body)
+        obj = json.loads(body, parse_constant=_reject_constant)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ApiError("invalid_json", f"body is not valid JSON ({type(e).__name__})") from None
+    except ValueError as e:
+        raise ApiError("invalid_json", f"body is not valid JSON: {e}") from None
     if not isinstance(obj, dict):
         raise ApiError("invalid_request", "body must be a JSON object: {\"image\": ..., \"question\": ...} or "
                                           "{\"instances\": [...]}")
@@ -78,11 +80,19 @@ def parse_json_body(body: bytes, *, max_instances: int, max_new_tokens: int) -> 
         raise ApiError("invalid_request", f"instances: at most {max_instances} per request, got "
                                           f"{len(obj['instances'])}")
     try:
-        requests = BatchRequest.model_validate(obj).instances if is_batch else [InvocationRequest.model_validate(obj)]
+        # Strict: JSON already has types, so `"temperature": true` or `"max_new_tokens": "64"` is the caller's
+        # mistake, not something to convert silently (raw-image parameters arrive as strings and stay lax).
+        requests = (BatchRequest.model_validate(obj, strict=True).instances if is_batch
+                    else [InvocationRequest.model_validate(obj, strict=True)])
     except ValidationError as e:
         raise ApiError("invalid_request", describe_validation_errors(list(e.errors()))) from None
     check_max_new_tokens(requests, max_new_tokens, batch=is_batch)
     return requests, is_batch
+
+
+def _reject_constant(name: str) -> Any:
+    """NaN and Infinity are not JSON (Python's parser accepts them); refuse them instead of a confusing range error."""
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def parse_raw_params(query: Iterable[tuple[str, str]], custom_attributes: Iterable[tuple[str, str]],
