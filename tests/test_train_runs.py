@@ -60,6 +60,23 @@ def test_bad_data_is_a_user_error_reported_before_any_model_is_read(tmp_path, mo
     assert "Traceback" not in caplog.text
 
 
+def test_no_example_fitting_model_max_length_is_a_user_error(tmp_path, dataset, tiny_artifact, monkeypatch, caplog):
+    from train.__main__ import main
+
+    base = sagemaker_tree(tmp_path / "ml", {"data_path": dataset["data"], "image_folder": dataset["images"],
+                                            "model_name_or_path": tiny_artifact, "lora_enable": "true",
+                                            "model_max_length": "8"})
+    monkeypatch.setenv("SM_BASE_DIR", str(base))
+    caplog.set_level(logging.INFO)
+
+    assert main([]) == 2
+    failure = (base / "output" / "failure").read_text()
+    assert failure.startswith("Invalid input:") and "\n" not in failure
+    assert "none of the 8 examples fits --model_max_length 8 (image tokens count towards it)" in failure
+    assert "row 0" not in failure  # rows are numbered from 1; this is about the whole file
+    assert "Traceback" not in caplog.text
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["--lora_enable", "True", "--lora_rank", "8"], "unknown command-line flag '--lora_rank'"),
     (["--vision_tower", "openai/clip-vit-large-patch14-336"], "differs from the checkpoint's own vision tower"),

@@ -111,7 +111,7 @@ def make_trainer(cfg: TrainConfig, args: Any, processor: Any, examples: list, va
 
     train_ds = ExampleDataset(examples, processor, max_length=cfg.model_max_length)
     if len(train_ds) == 0:
-        raise DataError(str(cfg.data_path), [f"row 0: none of the {len(examples)} examples fits --model_max_length "
+        raise DataError(str(cfg.data_path), [f"none of the {len(examples)} examples fits --model_max_length "
                                              f"{cfg.model_max_length} (image tokens count towards it)"])
     eval_ds = None
     if val_examples and cfg.evaluation_strategy != "no":
