@@ -103,7 +103,7 @@ def build_payload(image: Any, question: str, **options: Any) -> dict[str, Any]:
 
 def encode_image(image: Any) -> str:
     """A URL passes through; a path, bytes or a PIL image becomes base64 of the file bytes (PNG for PIL images)."""
-    if isinstance(image, str) and image.startswith(PASS_THROUGH_PREFIXES):
+    if isinstance(image, str) and image[:8].lower().startswith(PASS_THROUGH_PREFIXES):  # schemes are case-blind
         return image
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)

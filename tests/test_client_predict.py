@@ -88,7 +88,8 @@ def test_every_image_kind_is_sent(server, tmp_path):
         sent = base64.b64decode(server.payload()["image"])
         assert Image.open(io.BytesIO(sent)).size == (1, 1)
     assert base64.b64decode(server.payload(0)["image"]) == PNG_1PX  # files are sent byte for byte
-    for uri in ("https://example.com/c.png", "s3://bucket/c.png", "data:image/png;base64,AAAA"):
+    for uri in ("https://example.com/c.png", "s3://bucket/c.png", "data:image/png;base64,AAAA",
+                "HTTPS://example.com/C.png"):
         server.answer()
         predict(uri, "What?", url=server.url)
         assert server.payload()["image"] == uri  # passed through for the server to fetch
