@@ -203,7 +203,7 @@ def run_demo(cfg: DemoConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m client.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m client.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="runs/demo", help="where data, models, logs and reports go")
     parser.add_argument("--quick", action="store_true", help="every stage, a few charts and steps (CI)")
     parser.add_argument("--charts", type=int, help="charts to synthesize (default 1700; --quick 16)")

@@ -29,3 +29,12 @@ def test_quick_demo_runs_every_stage(tmp_path):
     demo = json.loads((work / "demo_report.json").read_text())
     assert set(demo["seconds"]) >= {"data", "base", "untrained", "train", "serve", "eval", "total"}
     assert demo["checks"] and all(isinstance(c["ok"], bool) for c in demo["checks"])
+
+
+def test_help_describes_the_demo_in_a_whole_sentence(capsys):
+    from client.demo import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "-> serve -> ask through the client -> evaluation table" in out

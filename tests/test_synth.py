@@ -256,3 +256,12 @@ def test_llava_sm_data_synth_is_the_same_generator(tmp_path, capsys):
     again = tmp_path / "module"
     assert main([str(again), "-n", "3", "--size", "64", "--quiet", "--workers", "1"]) == 0
     assert digest(out) == digest(again)
+
+
+def test_help_describes_the_generator_in_a_whole_sentence(capsys):
+    from train.synth import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "bar (vertical and horizontal) and line charts drawn with matplotlib" in out
