@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -265,3 +266,14 @@ def test_help_describes_the_generator_in_a_whole_sentence(capsys):
         main(["--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "bar (vertical and horizontal) and line charts drawn with matplotlib" in out
+
+
+def test_an_empty_validation_split_is_announced(tmp_path, caplog):
+    caplog.set_level(logging.WARNING)
+    summary = generate(small(tmp_path / "one", num_charts=1))
+    assert summary["validation"]["charts"] == 0
+    assert json.loads((tmp_path / "one" / "validation" / "dataset.json").read_text()) == []
+    assert "no chart is held out for validation (1 chart group(s), --val-fraction 0.1)" in caplog.text
+    caplog.clear()
+    generate(small(tmp_path / "two", num_charts=2))
+    assert "held out" not in caplog.text

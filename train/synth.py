@@ -228,6 +228,10 @@ def generate(config: SynthConfig) -> dict:
     texts = sorted({t for rec in records for qa in rec["qas"] for t in (qa["question"], qa["answer"])})
     (out / "corpus.txt").write_text("\n".join(texts) + "\n")
     summary = summarize(records)
+    if summary["validation"]["charts"] == 0:
+        log.warning("no chart is held out for validation (%d chart group(s), --val-fraction %g): "
+                    "validation/dataset.json is empty, so train without --validation_data_path",
+                    len({g for _, g in planned}), config.val_fraction)
     (out / "summary.json").write_text(json.dumps({"config": asdict(config), **summary}, indent=2) + "\n")
     return summary
 
