@@ -164,6 +164,15 @@ def test_missing_data_file_and_image_folder(tmp_path):
     assert len(load_examples(data_path, tmp_path / "no-images", check_images=False)) == 1
 
 
+def test_a_missing_image_is_reported_with_the_absolute_path_it_was_looked_for_at(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data_path = write_rows(tmp_path / "d.json", [{**GOOD, "image": "gone.png"}])
+    with pytest.raises(DataError) as err:
+        load_examples("d.json", ".")  # the default image folder of a relative data path
+    assert f"image 'gone.png' not found at {tmp_path.resolve() / 'gone.png'}" in str(err.value)
+    assert data_path.is_file()
+
+
 def test_image_check_shows_progress_on_large_sets(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(data_module, "PROGRESS_MIN_IMAGES", 1)
     load_examples(*write_tiny_dataset(tmp_path, n=3))

@@ -203,7 +203,7 @@ def check_image_files(examples: list[Example], image_folder: str | os.PathLike |
         return []
     if image_folder is None or not Path(image_folder).is_dir():
         return [f"image folder {image_folder!s} not found, but {len(rows_by_image)} image(s) are referenced"]
-    folder = Path(image_folder)
+    folder = Path(image_folder).absolute()  # "not found at gone.png" would not say where we looked
     names = list(rows_by_image)
     # Threads: on SageMaker FastFile each open is an S3 read; verify() parses headers only, it decodes no pixels.
     with ThreadPoolExecutor(max_workers=8) as pool:
