@@ -110,6 +110,27 @@ def test_a_crash_is_reported_as_our_failure_with_a_traceback(tmp_path, monkeypat
     assert "Traceback" in caplog.text
 
 
+def test_a_rerun_after_the_last_step_exports_without_training_more(tmp_path, dataset, tiny_artifact):
+    """A spot job restarted after training ended (say, during the merge) finds its final checkpoint: it must export
+    again from it, not train past --max_steps."""
+    out = tmp_path / "out"
+    argv = ["--model_name_or_path", tiny_artifact, "--data_path", dataset["data"], "--image_folder",
+            dataset["images"], "--lora_enable", "True", "--output_dir", str(out), "--max_steps", "2",
+            "--save_steps", "2", "--eval_generation", "False", *FAST_ARGS]
+    first = run_train(argv)
+    assert first.returncode == 0, output_of(first)[-4000:]
+    merged = load_weights(out / "model.safetensors")
+    again = run_train(argv)
+    assert again.returncode == 0, output_of(again)[-4000:]
+    assert "already reached the end of training" in again.stdout
+    assert "[train] step=" not in again.stdout
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    import torch
+
+    rerun = load_weights(out / "model.safetensors")
+    assert merged.keys() == rerun.keys() and all(torch.equal(merged[k], rerun[k]) for k in merged)
+
+
 def test_killed_run_resumes_from_its_newest_complete_checkpoint(tmp_path, dataset, tiny_artifact):
     out = tmp_path / "out"
     argv = ["--model_name_or_path", tiny_artifact, "--data_path", dataset["data"], "--image_folder",

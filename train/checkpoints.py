@@ -59,6 +59,11 @@ def find_resume_checkpoint(checkpoint_dir: str | Path) -> Path | None:
     return None
 
 
+def read_state(path: Path) -> dict:
+    """A checkpoint's trainer state (global_step, epoch, max_steps, log_history, ...)."""
+    return json.loads((path / STATE_FILE).read_text())
+
+
 def resume_step(path: Path) -> int:
     """The global step a checkpoint was saved at, from its trainer state."""
-    return int(json.loads((path / STATE_FILE).read_text())["global_step"])
+    return int(read_state(path)["global_step"])

@@ -38,7 +38,13 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     processor = load_training_processor(cfg)
     trainer = make_trainer(cfg, args, processor, examples, val_examples)
     resume = find_resume(cfg)
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if resume is not None and not cfg.deepspeed and training_finished(cfg, resume):
+        # A job restarted after its last step (e.g. a spot interruption during the export): Trainer.train would
+        # run one step past the end, so load the final weights and state and export again instead.
+        log.info("%s already reached the end of training: exporting it without training further", resume)
+        restore_finished(trainer, resume)
+    else:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     final_dir = save_final(cfg, trainer)
     history = list(trainer.state.log_history)
     if not trainer.is_world_process_zero():
@@ -133,6 +139,24 @@ def find_resume(cfg: TrainConfig) -> Path | None:
         log.info("resuming from %s (step %d): adapter, projector, optimizer, scheduler and RNG states",
                  checkpoint, resume_step(checkpoint))
     return checkpoint
+
+
+def training_finished(cfg: TrainConfig, checkpoint: Path) -> bool:
+    """Whether `checkpoint` is already where this config's training ends (--max_steps, else the epochs)."""
+    from train.checkpoints import read_state
+
+    state = read_state(checkpoint)
+    if cfg.max_steps > 0:
+        return state["global_step"] >= cfg.max_steps
+    return state.get("epoch", 0) >= cfg.num_train_epochs and state["global_step"] >= state.get("max_steps", 0)
+
+
+def restore_finished(trainer: Any, checkpoint: Path) -> None:
+    """The final checkpoint's weights and trainer state (its log history feeds the report's loss curve)."""
+    from transformers.trainer_callback import TrainerState
+
+    trainer._load_from_checkpoint(str(checkpoint))
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
 
 
 def save_final(cfg: TrainConfig, trainer: Any) -> Path:
