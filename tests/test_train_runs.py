@@ -131,6 +131,21 @@ def test_a_rerun_after_the_last_step_exports_without_training_more(tmp_path, dat
     assert merged.keys() == rerun.keys() and all(torch.equal(merged[k], rerun[k]) for k in merged)
 
 
+def test_resuming_with_another_lora_rank_is_refused_before_loading(tmp_path, dataset, tiny_artifact):
+    out = tmp_path / "out"
+    argv = ["--model_name_or_path", tiny_artifact, "--data_path", dataset["data"], "--image_folder",
+            dataset["images"], "--lora_enable", "True", "--output_dir", str(out), "--max_steps", "2",
+            "--save_steps", "2", "--eval_generation", "False", *FAST_ARGS]
+    assert run_train(argv).returncode == 0
+    other_rank = run_train(argv + ["--lora_r", "4", "--max_steps", "4"])
+    assert other_rank.returncode == 2, output_of(other_rank)[-4000:]
+    text = output_of(other_rank)
+    assert "checkpoint-2 was trained with lora_r=8, this run asks for lora_r=4" in text
+    assert "Traceback" not in text and "loading " not in text  # refused before any weights were read
+    fresh = run_train(argv + ["--lora_r", "4", "--max_steps", "4", "--resume", "False"])
+    assert fresh.returncode == 0, output_of(fresh)[-4000:]
+
+
 def test_killed_run_resumes_from_its_newest_complete_checkpoint(tmp_path, dataset, tiny_artifact):
     out = tmp_path / "out"
     argv = ["--model_name_or_path", tiny_artifact, "--data_path", dataset["data"], "--image_folder",

@@ -67,3 +67,18 @@ def read_state(path: Path) -> dict:
 def resume_step(path: Path) -> int:
     """The global step a checkpoint was saved at, from its trainer state."""
     return int(read_state(path)["global_step"])
+
+
+# Settings that decide the shapes of what a checkpoint holds: resuming across a change cannot load it.
+SHAPE_SETTINGS = ("lora_enable", "lora_r")
+
+
+def resume_conflicts(config: dict, checkpoint: Path) -> list[str]:
+    """Why this run's config cannot resume `checkpoint` (empty when it can, or when the checkpoint has no config)."""
+    saved_file = checkpoint / "training_config.json"
+    if not saved_file.is_file():
+        return []
+    saved = json.loads(saved_file.read_text())
+    return [f"{checkpoint.name} was trained with {key}={saved[key]!r}, this run asks for {key}={config[key]!r}"
+            for key in SHAPE_SETTINGS if key in saved and saved[key] != config.get(key)]
+

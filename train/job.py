@@ -28,6 +28,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     examples = load_examples(cfg.data_path, cfg.image_folder)
     val_examples = load_examples(cfg.validation_data_path, cfg.image_folder) if cfg.validation_data_path else []
     check_model(cfg)
+    resume = find_resume(cfg)  # before any weights load: a checkpoint this config cannot resume is refused now
     runtime = prepare_runtime(cfg)
     from train.trainer import training_arguments
 
@@ -37,7 +38,6 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         init_deepspeed_comm(args, cuda=runtime["cuda"])
     processor = load_training_processor(cfg)
     trainer = make_trainer(cfg, args, processor, examples, val_examples)
-    resume = find_resume(cfg)
     if resume is not None and not cfg.deepspeed and training_finished(cfg, resume):
         # A job restarted after its last step (e.g. a spot interruption during the export): Trainer.train would
         # run one step past the end, so load the final weights and state and export again instead.
@@ -130,11 +130,16 @@ def make_trainer(cfg: TrainConfig, args: Any, processor: Any, examples: list, va
 
 
 def find_resume(cfg: TrainConfig) -> Path | None:
-    from train.checkpoints import find_resume_checkpoint, resume_step
+    from train.checkpoints import find_resume_checkpoint, resume_conflicts, resume_step
+    from train.config import ConfigError
 
     if not cfg.resume:
         return None
     checkpoint = find_resume_checkpoint(cfg.checkpoint_dir)
+    conflicts = resume_conflicts(cfg.to_dict(), checkpoint) if checkpoint is not None else []
+    if conflicts:
+        raise ConfigError(conflicts + [f"keep those settings to resume, or start over with --resume False or "
+                                            f"another --checkpoint_dir than {cfg.checkpoint_dir}"])
     if checkpoint is not None:
         log.info("resuming from %s (step %d): adapter, projector, optimizer, scheduler and RNG states",
                  checkpoint, resume_step(checkpoint))
