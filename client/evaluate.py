@@ -128,6 +128,11 @@ def load_questions(data: str | Path, image_folder: str | Path | None = None, *,
     if problems:
         raise DataError(str(data), problems)
     if question_types:
+        known = sorted({q["question_type"] for q in questions if "question_type" in q})
+        unknown = sorted(set(question_types) - set(known))
+        if unknown:
+            raise ValueError(f"{data}: question type(s) {', '.join(unknown)} not in the data; it has: "
+                             f"{', '.join(known) or 'no question_types at all'}")
         questions = [q for q in questions if q.get("question_type") in question_types]
     return questions[:limit] if limit else questions
 

@@ -41,6 +41,8 @@ def test_questions_are_single_turns_with_their_types(charts):
     assert all(Path(q["image"]).is_file() and "<image>" not in q["question"] for q in questions)
     assert [q["question_type"] for q in load_questions(data, question_types=["title"])] == ["title", "title"]
     assert len(load_questions(data, limit=4)) == 4
+    with pytest.raises(ValueError, match=r"question type\(s\) bogus not in the data; it has: .*title"):
+        load_questions(data, question_types=["title", "bogus"])
 
 
 def test_bad_data_reports_every_problem(tmp_path):
