@@ -173,6 +173,8 @@ def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser("package", help="pack a merged model dir into model.tar.gz and upload it",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     o.add_arguments(parser, PackageOptions)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the model dir and print what would be packed and where; write and send nothing")
     parser.set_defaults(func=run)
 
 
@@ -180,6 +182,11 @@ def run(args: argparse.Namespace) -> int:
     from client.aws import Clients
 
     opts, _ = o.resolve(PackageOptions, args, "package")
+    if args.dry_run:
+        print(json.dumps({"model_dir": opts.model_dir, "files": [m.as_posix() for m in
+                          archive_members(Path(opts.model_dir))], "output": opts.output,
+                          "upload_to": opts.destination}, indent=2))
+        return 0
     s3 = Clients(opts.region, opts.profile, opts.endpoint_url).s3 if opts.destination else None
     uri = package(opts, s3=s3)
     print(uri or opts.output)

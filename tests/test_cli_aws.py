@@ -212,6 +212,20 @@ def test_package_writes_local_archive_only(tiny_artifact, tmp_path, capsys):
         assert "model.safetensors" in tar.getnames() and "chat_template.jinja" in tar.getnames()
 
 
+def test_package_dry_run_lists_the_archive_and_writes_nothing(tiny_artifact, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens: a sent request would fail
+    out = tmp_path / "model.tar.gz"
+    assert main(["package", "--model-dir", tiny_artifact, "--output", str(out),
+                 "--s3-uri", "s3://my-bucket/models/", "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["upload_to"] == "s3://my-bucket/models/model.tar.gz"
+    assert {"config.json", "model.safetensors", "chat_template.jinja"} <= set(plan["files"])
+    assert not out.exists()
+    broken = tmp_path / "not-a-model"
+    broken.mkdir()
+    assert main(["package", "--model-dir", str(broken), "--dry-run"]) == 2  # checked like a real run
+
+
 @pytest.mark.parametrize(
     "remove, add, expected",
     [
