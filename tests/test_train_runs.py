@@ -32,6 +32,13 @@ def wait_for_checkpoint(job: subprocess.Popen, checkpoint: Path, timeout: float 
         time.sleep(0.05)
 
 
+def lora_run_args(base: str, dataset: dict, out: Path, *, max_steps: int) -> list[str]:
+    """A short LoRA run that checkpoints every 2 steps and skips the generation report."""
+    return ["--model_name_or_path", base, "--data_path", dataset["data"], "--image_folder", dataset["images"],
+            "--lora_enable", "True", "--output_dir", str(out), "--max_steps", str(max_steps), "--save_steps", "2",
+            "--eval_generation", "False", *FAST_ARGS]
+
+
 @pytest.fixture
 def dataset(tmp_path):
     data, images = write_tiny_dataset(tmp_path / "data", n=8)
@@ -114,9 +121,7 @@ def test_a_rerun_after_the_last_step_exports_without_training_more(tmp_path, dat
     """A spot job restarted after training ended (say, during the merge) finds its final checkpoint: it must export
     again from it, not train past --max_steps."""
     out = tmp_path / "out"
-    argv = ["--model_name_or_path", tiny_artifact, "--data_path", dataset["data"], "--image_folder",
-            dataset["images"], "--lora_enable", "True", "--output_dir", str(out), "--max_steps", "2",
-            "--save_steps", "2", "--eval_generation", "False", *FAST_ARGS]
+    argv = lora_run_args(tiny_artifact, dataset, out, max_steps=2)
     first = run_train(argv)
     assert first.returncode == 0, output_of(first)[-4000:]
     merged = load_weights(out / "model.safetensors")
@@ -133,9 +138,7 @@ def test_a_rerun_after_the_last_step_exports_without_training_more(tmp_path, dat
 
 def test_resuming_with_another_lora_rank_is_refused_before_loading(tmp_path, dataset, tiny_artifact):
     out = tmp_path / "out"
-    argv = ["--model_name_or_path", tiny_artifact, "--data_path", dataset["data"], "--image_folder",
-            dataset["images"], "--lora_enable", "True", "--output_dir", str(out), "--max_steps", "2",
-            "--save_steps", "2", "--eval_generation", "False", *FAST_ARGS]
+    argv = lora_run_args(tiny_artifact, dataset, out, max_steps=2)
     assert run_train(argv).returncode == 0
     other_rank = run_train(argv + ["--lora_r", "4", "--max_steps", "4"])
     assert other_rank.returncode == 2, output_of(other_rank)[-4000:]
@@ -148,9 +151,7 @@ def test_resuming_with_another_lora_rank_is_refused_before_loading(tmp_path, dat
 
 def test_killed_run_resumes_from_its_newest_complete_checkpoint(tmp_path, dataset, tiny_artifact):
     out = tmp_path / "out"
-    argv = ["--model_name_or_path", tiny_artifact, "--data_path", dataset["data"], "--image_folder",
-            dataset["images"], "--lora_enable", "True", "--output_dir", str(out), "--max_steps", "6",
-            "--save_steps", "2", "--eval_generation", "False", *FAST_ARGS]
+    argv = lora_run_args(tiny_artifact, dataset, out, max_steps=6)
     first = subprocess.Popen([sys.executable, "-m", "train", *argv], cwd=REPO, env=train_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -187,9 +188,7 @@ def test_sigterm_stops_the_job_with_a_failure_file_and_exit_143(tmp_path, datase
     must react at once, say why in the failure file, and leave its checkpoints for the next run."""
     base = sagemaker_tree(tmp_path / "ml", {})
     out = tmp_path / "out"
-    argv = ["--model_name_or_path", tiny_artifact, "--data_path", dataset["data"], "--image_folder",
-            dataset["images"], "--lora_enable", "True", "--output_dir", str(out), "--checkpoint_dir", str(out),
-            "--max_steps", "400", "--save_steps", "2", "--eval_generation", "False", *FAST_ARGS]
+    argv = lora_run_args(tiny_artifact, dataset, out, max_steps=400) + ["--checkpoint_dir", str(out)]
     job = subprocess.Popen([sys.executable, "-m", "train", *argv], cwd=REPO, env=train_env(SM_BASE_DIR=str(base)),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
