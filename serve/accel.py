@@ -33,8 +33,10 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,7 +81,8 @@ def bucket_length(n: int, granularity: int) -> int:
 
 
 class Accelerator:
-    """Owns the compiled decode path of one model. Not thread-safe (the batcher's single thread calls it)."""
+    """Owns the compiled decode path of one model. Calls from several threads are safe but serialised: compiled
+    generation runs on one worker thread of its own (CUDA graphs are thread-local)."""
 
     def __init__(self, model: Any, config: AccelConfig | None = None, *, device: str | None = None):
         self.config = config or AccelConfig()
@@ -87,6 +90,9 @@ class Accelerator:
         self.enabled = self.config.enabled_for(self.device)
         self._caches: OrderedDict[tuple[int, int], Any] = OrderedDict()
         self._cache_budget = 0
+        # One worker thread runs every compiled call (see _on_owner_thread); it starts on the first submit.
+        self._owner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="accel")
+        self._owner_local = threading.local()
         if self.enabled:
             self._prepare(model)
         log.info("decode acceleration: %s", self.describe(model))
@@ -135,10 +141,32 @@ class Accelerator:
     # ------------------------------------------------------------------ generation
     def generate(self, model: Any, batch: Mapping[str, Any], *, generation_config: Any,
                  logits_processor: Any = None, stopping_criteria: Any = None, min_cache_len: int = 0) -> Any:
-        """`model.generate(**batch, ...)`; with acceleration on: padded to a bucket, on a pooled static cache."""
+        """`model.generate(**batch, ...)`; with acceleration on: padded to a bucket, on a pooled static cache, on
+        this accelerator's own thread (see `_on_owner_thread`), whichever thread calls."""
         if not self.enabled:
             return model.generate(**batch, generation_config=generation_config, logits_processor=logits_processor,
                                   stopping_criteria=stopping_criteria)
+        return self._on_owner_thread(self._generate_compiled, model, batch, generation_config, logits_processor,
+                                     stopping_criteria, min_cache_len)
+
+    def _on_owner_thread(self, fn: Any, *args: Any) -> Any:
+        """Run `fn` on the one thread that runs every compiled call of this accelerator.
+
+        torch keeps CUDA-graph trees (what `reduce-overhead` replays) in thread-local state: a graph captured on
+        one thread and replayed from another fails inside inductor (`assert torch._C._is_key_in_tls(...)`). The
+        server warms up on its loading thread and generates on the batcher's, and library callers may use any
+        thread, so all compiled work is funnelled through one long-lived worker instead.
+        """
+        if getattr(self._owner_local, "inside", False):  # already there (a nested call): no hand-off
+            return fn(*args)
+        return self._owner.submit(self._as_owner, fn, *args).result()
+
+    def _as_owner(self, fn: Any, *args: Any) -> Any:
+        self._owner_local.inside = True
+        return fn(*args)
+
+    def _generate_compiled(self, model: Any, batch: Mapping[str, Any], generation_config: Any, logits_processor: Any,
+                           stopping_criteria: Any, min_cache_len: int) -> Any:
         from transformers import CompileConfig, LogitsProcessorList, StoppingCriteriaList
 
         n, width = batch["input_ids"].shape

@@ -176,6 +176,45 @@ def test_cuda_nf4_inductor_matches_eager(tiny_artifact):
         assert (out[:, width:] == eager[:, width:]).float().mean() >= 0.75
 
 
+class ThreadsSeen:
+    """A logits processor that notes which thread each decode step runs on (and changes nothing)."""
+
+    def __init__(self):
+        self.threads: set[int] = set()
+
+    def __call__(self, input_ids, scores):
+        import threading
+
+        self.threads.add(threading.get_ident())
+        return scores
+
+
+def test_compiled_generation_runs_on_one_thread_whoever_calls(fp32):
+    """CUDA graphs are thread-local: a graph captured while warming up on one thread failed when the batcher's
+    thread replayed it (seen on an H100). Every compiled call must run on the accelerator's own thread."""
+    import threading
+
+    model = fp32.model
+    accel = Accelerator(model, AccelConfig(**{**CPU_COMPILED.__dict__, "batch_buckets": (1, 2)}), device="cpu")
+    row = {k: v[:1] for k, v in _batch(fp32, 1).items()}
+    accel.warm_up(model, row, fp32.generation_config, max_new_tokens=4)  # the server warms up on its loading thread
+    seen, outputs = ThreadsSeen(), []
+
+    def call():
+        outputs.append(accel.generate(model, _batch(fp32, 2), generation_config=_gen(fp32, 4), logits_processor=[seen]))
+
+    call()
+    other = threading.Thread(target=call)  # the batcher's thread
+    other.start()
+    other.join()
+    assert len(outputs) == 2 and torch.equal(outputs[0], outputs[1])
+    assert len(seen.threads) == 1 and threading.get_ident() not in seen.threads and other.ident not in seen.threads
+    eager = Accelerator(model, AccelConfig(mode="off"), device="cpu")  # the eager fallback runs where it is called
+    eager_seen = ThreadsSeen()
+    eager.generate(model, _batch(fp32, 1), generation_config=_gen(fp32, 2), logits_processor=[eager_seen])
+    assert eager_seen.threads == {threading.get_ident()}
+
+
 def test_warm_up_compiles_every_bucket_before_traffic(fp32):
     model = fp32.model
     accel = Accelerator(model, AccelConfig(**{**CPU_COMPILED.__dict__, "batch_buckets": (1, 2)}), device="cpu")

@@ -67,7 +67,8 @@ def test_gpu_script_tiny_mode_runs_every_measurement(tmp_path):
     data = json.loads((tmp_path / "gpu.json").read_text())
     assert data["model"] == "tiny" and data["new_tokens"] == 4
     assert data["accel_describe"].startswith("on ") and data["eager_describe"].startswith("off")
-    assert data["ttft_p50_ms"] > 0 and data["eager_end_to_end_tok_s"] > 0
+    assert data["ttft_p50_ms"] > 0 and data["eager_ttft_p50_ms"] > 0 and data["eager_end_to_end_tok_s"] > 0
+    assert data["ttft_first_token_p50_ms"] > 0 and "errors" not in data
     assert [s["accel"] for s in data["server"]] == ["off", "on"]
     for s in data["server"]:
         assert s["sequential_errors"] == s["batched_errors"] == 0
