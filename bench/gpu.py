@@ -35,6 +35,7 @@ from typing import Any
 from bench.report import fmt, machine, markdown_table, write_report
 
 QUESTION = "What type of chart is this, and what is its title?"
+PHASES = ("decode", "ttft", "server-eager", "server-accel")
 TARGETS = {"decode_speedup": 3.0, "batched_speedup": 10.0, "ttft_p50_ms": 150.0}
 
 
@@ -267,10 +268,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sequential-requests", type=int, default=8,
                         help="requests timed one by one for the sequential rate (default 8; at most --requests)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--phases", default=",".join(PHASES),
+                        help=f"comma-separated subset of {','.join(PHASES)} (default: all)")
     parser.add_argument("--work-dir", help="where the 13.5 GB bf16 artifact is written (default: a temp dir)")
     parser.add_argument("--tiny", action="store_true", help="tiny model, few tokens: a smoke run for the tests")
     parser.add_argument("--out", help="write gpu.json and gpu.md here")
     args = parser.parse_args(argv)
+    phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    if not phases or set(phases) - set(PHASES):
+        parser.error(f"--phases: choose from {', '.join(PHASES)}")
     if min(args.new_tokens, args.requests, args.repeats, args.sequential_requests) < 1 or args.new_tokens < 2:
         parser.error("--new-tokens must be >= 2; --requests, --sequential-requests and --repeats >= 1")
     import torch
@@ -305,14 +311,18 @@ def main(argv: list[str] | None = None) -> int:
                                "sequential_requests": min(args.sequential_requests, args.requests),
                                "build_s": built_s, "load_s": load_s}
     progress(args.out, "loaded", results)
-    phase(args.out, "decode", results, lambda: decode_speed(loaded, image, args.new_tokens, args.repeats, accel_config))
-    phase(args.out, "ttft", results, lambda: ttft(loaded, png, args.repeats, accel_config))
+    if "decode" in phases:
+        phase(args.out, "decode", results,
+              lambda: decode_speed(loaded, image, args.new_tokens, args.repeats, accel_config))
+    if "ttft" in phases:
+        phase(args.out, "ttft", results, lambda: ttft(loaded, png, args.repeats, accel_config))
     server_accel = dataclasses.replace(accel_config, batch_buckets=(1, args.requests))
     servers: list[dict[str, Any]] = []
     results["server"] = servers
-    for cfg in (AccelConfig(mode="off"), server_accel):
-        phase(args.out, f"server accel={cfg.mode}", results, lambda cfg=cfg: servers.append(server_throughput(
-            loaded, image, args.requests, args.new_tokens, cfg, args.sequential_requests)))
+    for name, cfg in (("server-eager", AccelConfig(mode="off")), ("server-accel", server_accel)):
+        if name in phases:
+            phase(args.out, name, results, lambda cfg=cfg: servers.append(server_throughput(
+                loaded, image, args.requests, args.new_tokens, cfg, args.sequential_requests)))
     if device == "cuda":
         results["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     write_report(args.out, "gpu", {"machine": machine(), "targets": TARGETS, **results}, render(results))

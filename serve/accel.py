@@ -90,9 +90,6 @@ class Accelerator:
         self.enabled = self.config.enabled_for(self.device)
         self._caches: OrderedDict[tuple[int, int], Any] = OrderedDict()
         self._cache_budget = 0
-        # One worker thread runs every compiled call (see _on_owner_thread); it starts on the first submit.
-        self._owner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="accel")
-        self._owner_local = threading.local()
         if self.enabled:
             self._prepare(model)
         log.info("decode acceleration: %s", self.describe(model))
@@ -150,20 +147,10 @@ class Accelerator:
                                      stopping_criteria, min_cache_len)
 
     def _on_owner_thread(self, fn: Any, *args: Any) -> Any:
-        """Run `fn` on the one thread that runs every compiled call of this accelerator.
-
-        torch keeps CUDA-graph trees (what `reduce-overhead` replays) in thread-local state: a graph captured on
-        one thread and replayed from another fails inside inductor (`assert torch._C._is_key_in_tls(...)`). The
-        server warms up on its loading thread and generates on the batcher's, and library callers may use any
-        thread, so all compiled work is funnelled through one long-lived worker instead.
-        """
-        if getattr(self._owner_local, "inside", False):  # already there (a nested call): no hand-off
+        """Run `fn` on the one process-wide thread that runs every compiled call (`_owner_executor`)."""
+        if getattr(_OWNER_LOCAL, "inside", False):  # already there (a nested call): no hand-off
             return fn(*args)
-        return self._owner.submit(self._as_owner, fn, *args).result()
-
-    def _as_owner(self, fn: Any, *args: Any) -> Any:
-        self._owner_local.inside = True
-        return fn(*args)
+        return _owner_executor().submit(_as_owner, fn, *args).result()
 
     def _generate_compiled(self, model: Any, batch: Mapping[str, Any], generation_config: Any, logits_processor: Any,
                            stopping_criteria: Any, min_cache_len: int) -> Any:
@@ -239,6 +226,32 @@ class Accelerator:
     @property
     def cached_shapes(self) -> list[tuple[int, int]]:
         return list(self._caches)
+
+
+_OWNER_LOCK = threading.Lock()
+_OWNER: ThreadPoolExecutor | None = None
+_OWNER_LOCAL = threading.local()
+
+
+def _owner_executor() -> ThreadPoolExecutor:
+    """The single worker thread of the process that runs every compiled generation, started on first use.
+
+    torch keeps CUDA-graph trees (what `reduce-overhead` replays) in thread-local state of the thread that first
+    used them: replaying from any other thread fails inside inductor (`assert torch._C._is_key_in_tls(...)`),
+    which on an H100 turned every request of the CUDA server into a 500 (warm-up ran on the loading thread,
+    generation on the batcher's) and broke a second Accelerator whose thread differed from the first's. So all
+    compiled work of all accelerators goes through this one thread, whichever thread calls.
+    """
+    global _OWNER
+    with _OWNER_LOCK:
+        if _OWNER is None:
+            _OWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="accel")
+        return _OWNER
+
+
+def _as_owner(fn: Any, *args: Any) -> Any:
+    _OWNER_LOCAL.inside = True
+    return fn(*args)
 
 
 def pad_rows(batch: Mapping[str, Any], size: int) -> dict[str, Any]:

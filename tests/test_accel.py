@@ -209,6 +209,10 @@ def test_compiled_generation_runs_on_one_thread_whoever_calls(fp32):
     other.join()
     assert len(outputs) == 2 and torch.equal(outputs[0], outputs[1])
     assert len(seen.threads) == 1 and threading.get_ident() not in seen.threads and other.ident not in seen.threads
+    # A second accelerator (the GPU benchmark makes several) must use the same thread: the graphs live there.
+    second = Accelerator(model, AccelConfig(**{**CPU_COMPILED.__dict__, "batch_buckets": (1, 2)}), device="cpu")
+    second.generate(model, _batch(fp32, 1), generation_config=_gen(fp32, 2), logits_processor=[seen])
+    assert len(seen.threads) == 1
     eager = Accelerator(model, AccelConfig(mode="off"), device="cpu")  # the eager fallback runs where it is called
     eager_seen = ThreadsSeen()
     eager.generate(model, _batch(fp32, 1), generation_config=_gen(fp32, 2), logits_processor=[eager_seen])
