@@ -240,7 +240,9 @@ def _owner_executor() -> ThreadPoolExecutor:
     used them: replaying from any other thread fails inside inductor (`assert torch._C._is_key_in_tls(...)`),
     which on an H100 turned every request of the CUDA server into a 500 (warm-up ran on the loading thread,
     generation on the batcher's) and broke a second Accelerator whose thread differed from the first's. So all
-    compiled work of all accelerators goes through this one thread, whichever thread calls.
+    compiled work of all accelerators goes through this one thread, whichever thread calls. (A process that
+    replayed CUDA graphs on some other thread before its first Accelerator call hits the same limit; the server
+    never does.)
     """
     global _OWNER
     with _OWNER_LOCK:
