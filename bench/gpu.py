@@ -35,7 +35,7 @@ from typing import Any
 from bench.report import fmt, machine, markdown_table, write_report
 
 QUESTION = "What type of chart is this, and what is its title?"
-PHASES = ("decode", "ttft", "server-eager", "server-accel")
+PHASES = ("decode", "ttft", "server-eager", "server-accel")  # --phases; decode runs as decode-eager + decode-accel
 TARGETS = {"decode_speedup": 3.0, "batched_speedup": 10.0, "ttft_p50_ms": 150.0}
 
 
@@ -129,27 +129,14 @@ def timed_generate(accel: Any, loaded: Any, batch: dict[str, Any], new_tokens: i
     return time.perf_counter() - start
 
 
-def decode_speed(loaded: Any, image: Any, new_tokens: int, repeats: int, accel_config: Any) -> dict[str, Any]:
-    """Batch-1 decode tokens/s = (N - 1) / (t(N) - t(1)): prefill and the first token cancel out."""
-    from serve.accel import AccelConfig, Accelerator
+def decode_speed(loaded: Any, image: Any, new_tokens: int, repeats: int, name: str, accel_config: Any
+                 ) -> dict[str, Any]:
+    """Batch-1 decode tokens/s of one path (`name`: eager or accel) = (N - 1) / (t(N) - t(1)): prefill and the
+    first token cancel out. Warm-up first (compilation, for the accelerated path), then medians."""
+    from serve.accel import Accelerator
 
     batch = model_inputs(loaded, image)
-    out: dict[str, Any] = {}
-    for name, cfg in (("eager", AccelConfig(mode="off")), ("accel", accel_config)):
-        try:
-            out.update(_decode_one_path(name, Accelerator(loaded.model, cfg, device=loaded.device), loaded, batch,
-                                        new_tokens, repeats))
-        except Exception as e:  # noqa: BLE001 - the eager numbers stand without the accelerated ones
-            traceback.print_exc()
-            out[f"{name}_error"] = f"{type(e).__name__}: {e}"[:2000]
-    if "accel_decode_tok_s" in out and "eager_decode_tok_s" in out:
-        out["decode_speedup"] = out["accel_decode_tok_s"] / out["eager_decode_tok_s"]
-    return out
-
-
-def _decode_one_path(name: str, accel: Any, loaded: Any, batch: dict[str, Any], new_tokens: int,
-                     repeats: int) -> dict[str, Any]:
-    """Warm-up (compilation for the accelerated path), then medians of 1-token and N-token generations."""
+    accel = Accelerator(loaded.model, accel_config, device=loaded.device)
     start = time.perf_counter()
     timed_generate(accel, loaded, batch, new_tokens)
     timed_generate(accel, loaded, batch, 1)
@@ -312,8 +299,11 @@ def main(argv: list[str] | None = None) -> int:
                                "build_s": built_s, "load_s": load_s}
     progress(args.out, "loaded", results)
     if "decode" in phases:
-        phase(args.out, "decode", results,
-              lambda: decode_speed(loaded, image, args.new_tokens, args.repeats, accel_config))
+        for name, cfg in (("eager", AccelConfig(mode="off")), ("accel", accel_config)):
+            phase(args.out, f"decode-{name}", results, lambda name=name, cfg=cfg: decode_speed(
+                loaded, image, args.new_tokens, args.repeats, name, cfg))
+        if "accel_decode_tok_s" in results and "eager_decode_tok_s" in results:
+            results["decode_speedup"] = results["accel_decode_tok_s"] / results["eager_decode_tok_s"]
     if "ttft" in phases:
         phase(args.out, "ttft", results, lambda: ttft(loaded, png, args.repeats, accel_config))
     server_accel = dataclasses.replace(accel_config, batch_buckets=(1, args.requests))
@@ -331,8 +321,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def phase(out_dir: str | None, name: str, results: dict[str, Any], measure: Any) -> None:
-    """Run one measurement; a failure (a compile error on some torch/driver pair, say) is reported and the other
-    measurements still run, so one lent-machine run says everything it can."""
+    """Run one measurement (a dict it returns goes into `results`); a failure (a compile error on some torch/driver
+    pair, say) goes into results["errors"] and the exit status, and the other measurements still run, so one
+    lent-machine run says everything it can."""
     try:
         value = measure()
         if isinstance(value, dict):
@@ -343,10 +334,10 @@ def phase(out_dir: str | None, name: str, results: dict[str, Any], measure: Any)
     progress(out_dir, name, results)
 
 
-def progress(out_dir: str | None, phase: str, results: dict[str, Any]) -> None:
+def progress(out_dir: str | None, name: str, results: dict[str, Any]) -> None:
     """One line per finished phase, and gpu.partial.json with everything so far: a run cut off by a time limit
     (a lent GPU machine's, say) still leaves its numbers."""
-    print(f"[bench.gpu] {time.strftime('%H:%M:%S')} {phase} done", flush=True)
+    print(f"[bench.gpu] {time.strftime('%H:%M:%S')} {name} done", flush=True)
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "gpu.partial.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
@@ -382,13 +373,14 @@ def render(r: dict[str, Any]) -> str:
         f"{fmt(r.get('ttft_decode_p50_ms'), 0)} + preprocess {fmt(r.get('ttft_prepare_p50_ms'), 0)} + prefill and "
         f"first token {fmt(r.get('ttft_first_token_p50_ms'), 0)}; eager generate: "
         f"{fmt(r.get('eager_ttft_p50_ms'), 0)})"])
-    errors = {**{k: v for k, v in r.items() if k.endswith("_error")}, **r.get("errors", {})}
+    errors = r.get("errors", {})
     if errors:
         verdict += "\n\nFailed: " + "; ".join(f"{k}: {v.splitlines()[0] if v else v}" for k, v in errors.items())
     if r["model"] == "tiny":
         verdict += ("\n\n(--tiny smoke run: checks the script works; on CPU the compiled path is only captured, "
                     "not code-generated, so these numbers say nothing about GPU speed)")
     return "\n\n".join([head, decode, f"accel: {r.get('accel_describe', '-')}", server, verdict])
+
 
 if __name__ == "__main__":
     raise SystemExit(main())
