@@ -82,7 +82,7 @@ def bucket_length(n: int, granularity: int) -> int:
 
 class Accelerator:
     """Owns the compiled decode path of one model. Calls from several threads are safe but serialised: compiled
-    generation runs on one worker thread of its own (CUDA graphs are thread-local)."""
+    generation runs on the process's one compile thread (`_owner_executor`; CUDA graphs are thread-local)."""
 
     def __init__(self, model: Any, config: AccelConfig | None = None, *, device: str | None = None):
         self.config = config or AccelConfig()
@@ -139,18 +139,12 @@ class Accelerator:
     def generate(self, model: Any, batch: Mapping[str, Any], *, generation_config: Any,
                  logits_processor: Any = None, stopping_criteria: Any = None, min_cache_len: int = 0) -> Any:
         """`model.generate(**batch, ...)`; with acceleration on: padded to a bucket, on a pooled static cache, on
-        this accelerator's own thread (see `_on_owner_thread`), whichever thread calls."""
+        the process's one compile thread (`_owner_executor`), whichever thread calls."""
         if not self.enabled:
             return model.generate(**batch, generation_config=generation_config, logits_processor=logits_processor,
                                   stopping_criteria=stopping_criteria)
-        return self._on_owner_thread(self._generate_compiled, model, batch, generation_config, logits_processor,
-                                     stopping_criteria, min_cache_len)
-
-    def _on_owner_thread(self, fn: Any, *args: Any) -> Any:
-        """Run `fn` on the one process-wide thread that runs every compiled call (`_owner_executor`)."""
-        if getattr(_OWNER_LOCAL, "inside", False):  # already there (a nested call): no hand-off
-            return fn(*args)
-        return _owner_executor().submit(_as_owner, fn, *args).result()
+        return _on_owner_thread(self._generate_compiled, model, batch, generation_config, logits_processor,
+                                stopping_criteria, min_cache_len)
 
     def _generate_compiled(self, model: Any, batch: Mapping[str, Any], generation_config: Any, logits_processor: Any,
                            stopping_criteria: Any, min_cache_len: int) -> Any:
@@ -249,6 +243,13 @@ def _owner_executor() -> ThreadPoolExecutor:
         if _OWNER is None:
             _OWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="accel")
         return _OWNER
+
+
+def _on_owner_thread(fn: Any, *args: Any) -> Any:
+    """`fn(*args)` on the compile thread, waiting for it (directly when already there: a nested call)."""
+    if getattr(_OWNER_LOCAL, "inside", False):
+        return fn(*args)
+    return _owner_executor().submit(_as_owner, fn, *args).result()
 
 
 def _as_owner(fn: Any, *args: Any) -> Any:

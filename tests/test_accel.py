@@ -191,11 +191,12 @@ class ThreadsSeen:
 
 def test_compiled_generation_runs_on_one_thread_whoever_calls(fp32):
     """CUDA graphs are thread-local: a graph captured while warming up on one thread failed when the batcher's
-    thread replayed it (seen on an H100). Every compiled call must run on the accelerator's own thread."""
+    thread replayed it (seen on an H100). Every compiled call must run on one thread, the same for every Accelerator."""
     import threading
 
     model = fp32.model
-    accel = Accelerator(model, AccelConfig(**{**CPU_COMPILED.__dict__, "batch_buckets": (1, 2)}), device="cpu")
+    config = AccelConfig(**{**CPU_COMPILED.__dict__, "batch_buckets": (1, 2)})
+    accel = Accelerator(model, config, device="cpu")
     row = {k: v[:1] for k, v in _batch(fp32, 1).items()}
     accel.warm_up(model, row, fp32.generation_config, max_new_tokens=4)  # the server warms up on its loading thread
     seen, outputs = ThreadsSeen(), []
@@ -210,7 +211,7 @@ def test_compiled_generation_runs_on_one_thread_whoever_calls(fp32):
     assert len(outputs) == 2 and torch.equal(outputs[0], outputs[1])
     assert len(seen.threads) == 1 and threading.get_ident() not in seen.threads and other.ident not in seen.threads
     # A second accelerator (the GPU benchmark makes several) must use the same thread: the graphs live there.
-    second = Accelerator(model, AccelConfig(**{**CPU_COMPILED.__dict__, "batch_buckets": (1, 2)}), device="cpu")
+    second = Accelerator(model, config, device="cpu")
     second.generate(model, _batch(fp32, 1), generation_config=_gen(fp32, 2), logits_processor=[seen])
     assert len(seen.threads) == 1
     eager = Accelerator(model, AccelConfig(mode="off"), device="cpu")  # the eager fallback runs where it is called

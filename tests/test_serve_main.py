@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -20,14 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_python_m_serve_answers_and_shuts_down_gracefully(tiny_artifact, tmp_path):
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SERVE_", "SM_", "SAGEMAKER_"))}
-    env.update({"SM_MODEL_DIR": tiny_artifact, "SAGEMAKER_BIND_TO_PORT": str(port), "SERVE_HOST": "127.0.0.1",
-                "SERVE_TORCH_THREADS": "1", "SERVE_MAX_NEW_TOKENS": "512", "SERVE_GRACEFUL_TIMEOUT_S": "20"})
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "serve"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
+    with python_m_serve(tiny_artifact, tmp_path / "serve.log", SERVE_TORCH_THREADS="1", SERVE_MAX_NEW_TOKENS="512",
+                        SERVE_GRACEFUL_TIMEOUT_S="20") as (base, proc):
         statuses = _wait_for_ping(base, proc)
         assert statuses[-1] == 200
         answer = requests.post(base + "/invocations", timeout=30,
@@ -50,11 +45,6 @@ def test_python_m_serve_answers_and_shuts_down_gracefully(tiny_artifact, tmp_pat
         # A graceful stop on request is a clean exit.
         assert proc.wait(timeout=30) == 0
         assert time.monotonic() - term_sent < 25
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
     text = (tmp_path / "serve.log").read_text()
     assert "config: model_dir=" in text and "model ready" in text and "Application shutdown complete" in text
     assert "path=/invocations status=200" in text and "What is shown" not in text  # no payload content in logs
@@ -66,35 +56,42 @@ def test_python_m_serve_on_cuda_loads_nf4_and_compiles(tiny_artifact, tmp_path):
     up before /ping turns 200, and answers, alone and batched; the same with the eager fallback (SERVE_ACCEL=off)."""
     answers = {}
     for accel in ("auto", "off"):
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SERVE_", "SM_", "SAGEMAKER_"))}
-        env.update({"SM_MODEL_DIR": tiny_artifact, "SAGEMAKER_BIND_TO_PORT": str(port), "SERVE_HOST": "127.0.0.1",
-                    "SERVE_ACCEL": accel, "SERVE_ACCEL_BATCH_BUCKETS": "1,2", "SERVE_MAX_NEW_TOKENS": "16"})
         log_path = tmp_path / f"serve-{accel}.log"
-        with open(log_path, "w") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "serve"], cwd=REPO, env=env, stdout=log,
-                                    stderr=subprocess.STDOUT)
-            try:
-                _wait_for_ping(base, proc, timeout=300)
-                one = requests.post(base + "/invocations", timeout=60, json={
-                    "image": b64_png(), "question": "What is shown?", "temperature": 0, "max_new_tokens": 8})
-                two = requests.post(base + "/invocations", timeout=60, json={"instances": [
-                    {"image": b64_png((40, 30 + i)), "question": f"Question {i}?", "temperature": 0,
-                     "max_new_tokens": 8} for i in range(2)]})
-                assert one.status_code == two.status_code == 200, (one.text, two.text)
-                answers[accel] = [one.json()["answer"]] + [r["answer"] for r in two.json()]
-                proc.send_signal(signal.SIGTERM)
-                assert proc.wait(timeout=60) == 0
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+        with python_m_serve(tiny_artifact, log_path, SERVE_ACCEL=accel, SERVE_ACCEL_BATCH_BUCKETS="1,2",
+                            SERVE_MAX_NEW_TOKENS="16") as (base, proc):
+            _wait_for_ping(base, proc, timeout=300)
+            one = requests.post(base + "/invocations", timeout=60, json={
+                "image": b64_png(), "question": "What is shown?", "temperature": 0, "max_new_tokens": 8})
+            two = requests.post(base + "/invocations", timeout=60, json={"instances": [
+                {"image": b64_png((40, 30 + i)), "question": f"Question {i}?", "temperature": 0,
+                 "max_new_tokens": 8} for i in range(2)]})
+            assert one.status_code == two.status_code == 200, (one.text, two.text)
+            answers[accel] = [one.json()["answer"]] + [r["answer"] for r in two.json()]
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == 0
         text = log_path.read_text()
         assert "on cuda" in text and "quantization=nf4" in text, text[-3000:]
         assert ("decode acceleration: on" in text) == (accel == "auto"), text[-3000:]
     # Token-level agreement of the compiled path with eager is tests/test_accel.py's job; here: both paths serve.
     assert all(len(a) == 3 and all(isinstance(x, str) for x in a) for a in answers.values())
+
+
+@contextmanager
+def python_m_serve(model_dir: str, log_path: Path, **env: str):
+    """`python -m serve` on a free loopback port as SageMaker starts it (env only, none of this shell's SERVE_/SM_
+    variables), its output in `log_path`; yields (base URL, process); killed on the way out if still running."""
+    port = free_port()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SERVE_", "SM_", "SAGEMAKER_"))}
+    clean.update({"SM_MODEL_DIR": model_dir, "SAGEMAKER_BIND_TO_PORT": str(port), "SERVE_HOST": "127.0.0.1", **env})
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "serve"], cwd=REPO, env=clean, stdout=log,
+                                stderr=subprocess.STDOUT)
+        try:
+            yield f"http://127.0.0.1:{port}", proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def _wait_for_ping(base: str, proc: subprocess.Popen, timeout: float = 90) -> list[int]:
