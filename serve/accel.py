@@ -60,12 +60,12 @@ class AccelConfig:
     def from_env(cls, env: Mapping[str, str] | None = None) -> AccelConfig:
         """Only the SERVE_ACCEL* variables, parsed by serve.config (the server reads them with all the others, in
         `ServeConfig.from_env`, so a bad value stops its start-up); raises ConfigError naming each bad one."""
-        from serve.config import ACCEL_FIELDS, ENV_VARS, ConfigError, parse_env
+        from serve.config import ACCEL_FIELDS, ENV_VARS, ConfigError, accel_config_of, parse_env
 
         values, problems = parse_env(os.environ if env is None else env, {f: ENV_VARS[f] for f in ACCEL_FIELDS})
         if problems:
             raise ConfigError(problems)
-        return cls(**{name[len("accel_"):]: value for name, value in values.items()})
+        return accel_config_of(values)
 
     def enabled_for(self, device: str) -> bool:
         return self.mode == "on" or (self.mode == "auto" and str(device).startswith("cuda"))

@@ -71,10 +71,6 @@ class ServerState:
     async def in_prepare_pool(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.prepare_pool, functools.partial(fn, *args))
 
-    @property
-    def ready(self) -> bool:
-        return self.batcher is not None and self.batcher.healthy
-
     def require_batcher(self) -> Batcher:
         if self.batcher is None or not self.batcher.healthy:
             message = "the model failed to load" if self.load_error else "the model is still loading"
@@ -135,9 +131,10 @@ def create_app(cfg: ServeConfig, *, predictor_factory: Callable[[], Any] | None 
 
     @app.get("/ping")
     async def ping():
-        if not state.ready:
-            return error_response(ApiError("not_ready", "the model failed to load" if state.load_error
-                                           else "the model is still loading"))
+        try:
+            state.require_batcher()
+        except ApiError as e:
+            return error_response(e)
         return {"status": "ready"}
 
     @app.get("/execution-parameters")
@@ -254,13 +251,11 @@ def _fetch_all(items: list, policy: ImagePolicy, deadline: float, is_batch: bool
 
 def _requests_from_json(items: list, policy: ImagePolicy, deadline: float, is_batch: bool, predictor: Any,
                         fetched: list[bytes] | None = None) -> list[GenerationRequest]:
-    shrink = getattr(predictor, "image_processor", None)
     requests = []
     for i, item in enumerate(items):
         with _instance_errors(i, is_batch):
             data = fetched[i] if fetched is not None else image_bytes(item.image, policy, deadline=deadline)
-            image = decode_image(data, policy.max_pixels, shrink_for=shrink)
-            requests.append(_prepared(predictor, _generation_request(item, image, deadline)))
+            requests.append(_request_from_image(data, item, policy.max_pixels, deadline, predictor))
     return requests
 
 

@@ -67,9 +67,6 @@ class Batcher:
         self._thread.start()
         return self
 
-    def queued(self) -> int:
-        return len(self._queue)
-
     def check_room(self, n: int = 1) -> None:
         """Fail fast (before any image is fetched) when `n` more requests would not fit in the queue."""
         if self._closing:

@@ -15,12 +15,16 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+# serve.accel imports only the stdlib at import time, and this module lazily (AccelConfig.from_env): no cycle.
+from serve.accel import AccelConfig
+
 MiB = 1024 * 1024
 QUANTIZATIONS = ("auto", "nf4", "bf16", "fp16", "none")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 ACCEL_MODES = ("auto", "on", "off")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_ACCEL = AccelConfig()
 
 
 class ConfigError(ValueError):
@@ -55,10 +59,11 @@ class ServeConfig:
     prepare_threads: int = 0  # threads decoding images + preparing inputs; 0 = CPU cores - 1 (at least 1)
     log_level: str = "INFO"
     # CUDA decode speed-ups (serve/accel.py): parsed here so a bad value stops start-up like any other variable
-    accel_mode: str = "auto"  # auto = on with CUDA, off on CPU
-    accel_batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
-    accel_cache_bucket: int = 256
-    accel_cache_gib: float | None = None  # None: 30% of the GPU's memory
+    # (defaults are AccelConfig's, so the server and library callers of serve.accel start from the same values)
+    accel_mode: str = _ACCEL.mode  # auto = on with CUDA, off on CPU
+    accel_batch_buckets: tuple[int, ...] = _ACCEL.batch_buckets
+    accel_cache_bucket: int = _ACCEL.cache_bucket
+    accel_cache_gib: float | None = _ACCEL.cache_gib  # None: 30% of the GPU's memory
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ServeConfig:
@@ -70,11 +75,9 @@ class ServeConfig:
             raise ConfigError(problems)
         return cls(**values)
 
-    def accel_config(self):
+    def accel_config(self) -> AccelConfig:
         """The `serve.accel.AccelConfig` these settings describe."""
-        from serve.accel import AccelConfig
-
-        return AccelConfig(**{name[len("accel_"):]: getattr(self, name) for name in ACCEL_FIELDS})
+        return accel_config_of({name: getattr(self, name) for name in ACCEL_FIELDS})
 
     def summary(self) -> str:
         """One line with every resolved value, for the start-up log."""
@@ -214,3 +217,8 @@ ENV_VARS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "accel_cache_gib": ("SERVE_ACCEL_CACHE_GIB", _float(0)),
 }
 ACCEL_FIELDS = tuple(name for name in ENV_VARS if name.startswith("accel_"))
+
+
+def accel_config_of(values: Mapping[str, Any]) -> AccelConfig:
+    """An AccelConfig from `accel_*` settings (ServeConfig field names); the ones missing keep their defaults."""
+    return AccelConfig(**{name[len("accel_"):]: value for name, value in values.items()})

@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from serve.config import QUANTIZATIONS
+
 log = logging.getLogger(__name__)
 
 # Prefixes of the full module names bitsandbytes must leave alone.
 NF4_SKIP_MODULES = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
-QUANTIZATIONS = ("auto", "nf4", "bf16", "fp16", "none")
 
 
 class ModelLoadError(RuntimeError):

@@ -212,17 +212,29 @@ class _PerRowSampling:
     def __init__(self, rows: list[_Row]):
         self.temperature = [r.temperature for r in rows]
         self.top_p = [r.top_p for r in rows]
+        self._per_row: tuple[Any, ...] | None = None  # (dtype, device, greedy, divisor, drop_at): see _constants
+
+    def _constants(self, scores):
+        """The per-row tensors, built once per generate (scores keep their dtype and device across its steps),
+        not re-sent to the device at every token."""
+        import torch
+
+        if self._per_row is None or self._per_row[:2] != (scores.dtype, scores.device):
+            temps = torch.tensor(self.temperature, dtype=scores.dtype, device=scores.device)
+            top_p = torch.tensor(self.top_p, dtype=scores.dtype, device=scores.device)
+            greedy = temps <= 0
+            divisor = torch.where(greedy, torch.ones_like(temps), temps)[:, None]
+            self._per_row = (scores.dtype, scores.device, greedy, divisor, (1 - top_p)[:, None])
+        return self._per_row[2:]
 
     def __call__(self, input_ids, scores):
         import torch
 
-        temps = torch.tensor(self.temperature, dtype=scores.dtype, device=scores.device)
-        top_p = torch.tensor(self.top_p, dtype=scores.dtype, device=scores.device)
-        greedy = temps <= 0
-        scaled = scores / torch.where(greedy, torch.ones_like(temps), temps)[:, None]
+        greedy, divisor, drop_at = self._constants(scores)
+        scaled = scores / divisor
         sorted_logits, sorted_idx = torch.sort(scaled, dim=-1)
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop_sorted = cumulative <= (1 - top_p)[:, None]
+        drop_sorted = cumulative <= drop_at
         drop_sorted[:, -1] = False  # always keep the most likely token
         drop = drop_sorted.scatter(1, sorted_idx, drop_sorted)
         sampled = scaled.masked_fill(drop, float("-inf"))
