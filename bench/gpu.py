@@ -32,9 +32,10 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from bench.load import QUESTION
+from bench.preprocess import decode
 from bench.report import fmt, machine, markdown_table, write_report
 
-QUESTION = "What type of chart is this, and what is its title?"
 PHASES = ("decode", "ttft", "server-eager", "server-accel")  # --phases; decode runs as decode-eager + decode-accel
 TARGETS = {"decode_speedup": 3.0, "batched_speedup": 10.0, "ttft_p50_ms": 150.0}
 
@@ -105,7 +106,7 @@ def model_inputs(loaded: Any, image: Any, n: int = 1) -> dict[str, Any]:
     p = loaded.processor
     message = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}
     prompt = p.apply_chat_template([message], add_generation_prompt=True, tokenize=False)
-    small = preshrink(image.copy(), p.image_processor)
+    small = preshrink(image, p.image_processor)  # a new image: `image` is left as it is
     batch = {k: v.to(loaded.device) for k, v in p(images=[small] * n, text=[prompt] * n, return_tensors="pt").items()}
     batch["pixel_values"] = batch["pixel_values"].to(loaded.model.dtype)
     return batch
@@ -163,7 +164,7 @@ def ttft(loaded: Any, image_bytes: bytes, repeats: int, accel_config: Any) -> di
         for i in range(repeats + 1):
             sync(loaded.device)
             start = time.perf_counter()
-            image = decode_chart(image_bytes)
+            image = decode(image_bytes)
             decoded = time.perf_counter()
             batch = model_inputs(loaded, image)
             sync(loaded.device)
@@ -200,7 +201,7 @@ def server_throughput(loaded: Any, image: Any, n_requests: int, new_tokens: int,
     try:
         # Predictor warms up (compiles) each bucket at construction: only the two batch sizes used here.
         predictor = Predictor(loaded, max_new_tokens_cap=max(new_tokens, 1), accel=accel_config)
-        small = preshrink(image.copy(), loaded.processor.image_processor)
+        small = preshrink(image, loaded.processor.image_processor)
         out: dict[str, Any] = {"accel": "on" if predictor.accel.enabled else "off"}
         for name, max_batch, count in (("sequential", 1, min(n_sequential or n_requests, n_requests)),
                                        ("batched", n_requests, n_requests)):
@@ -291,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         load_s = time.perf_counter() - started - built_s
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()  # serving memory only, not the bf16 build
-    image = decode_chart(png)
+    image = decode(png)
     results: dict[str, Any] = {"gpu": gpu_name(device), "model": "tiny" if args.tiny else "llava-1.5-7b-shaped",
                                "quantization": loaded.quantization, "new_tokens": args.new_tokens,
                                "requests": args.requests,
@@ -341,12 +342,6 @@ def progress(out_dir: str | None, name: str, results: dict[str, Any]) -> None:
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "gpu.partial.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-
-
-def decode_chart(png: bytes):
-    from serve.images import decode_image
-
-    return decode_image(png, 25_000_000)
 
 
 def render(r: dict[str, Any]) -> str:
