@@ -56,6 +56,17 @@ def configure_processor(processor: Any, *, version: str, image_aspect_ratio: str
     return processor
 
 
+def write_training_config(folder: Path, config: dict[str, Any]) -> None:
+    """The resolved training config into a checkpoint or adapter dir (resume and `python -m train.merge` read it)."""
+    (folder / TRAINING_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def read_training_config(folder: Path) -> dict[str, Any]:
+    """A checkpoint's, adapter's or artifact's training config; {} when it has none."""
+    path = folder / TRAINING_CONFIG_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def save_artifact(
     out_dir: str | Path,
     model: Any,

@@ -39,8 +39,10 @@ def incompleteness(path: Path) -> str | None:
     if not any((path / name).is_file() for name in WEIGHT_FILES):
         return "no weights file"
     latest = path / "latest"  # DeepSpeed names its engine-state dir here
-    if latest.is_file() and not (path / latest.read_text().strip()).is_dir():
-        return f"DeepSpeed state {latest.read_text().strip()!r} missing"
+    if latest.is_file():
+        engine_dir = latest.read_text().strip()
+        if not (path / engine_dir).is_dir():
+            return f"DeepSpeed state {engine_dir!r} missing"
     return None
 
 
@@ -75,10 +77,9 @@ SHAPE_SETTINGS = ("lora_enable", "lora_r")
 
 def resume_conflicts(config: dict, checkpoint: Path) -> list[str]:
     """Why this run's config cannot resume `checkpoint` (empty when it can, or when the checkpoint has no config)."""
-    saved_file = checkpoint / "training_config.json"
-    if not saved_file.is_file():
-        return []
-    saved = json.loads(saved_file.read_text())
+    from train.artifact import read_training_config
+
+    saved = read_training_config(checkpoint)
     return [f"{checkpoint.name} was trained with {key}={saved[key]!r}, this run asks for {key}={config[key]!r}"
             for key in SHAPE_SETTINGS if key in saved and saved[key] != config.get(key)]
 

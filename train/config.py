@@ -106,6 +106,10 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def trackers(self) -> list[str]:
+        """--report_to as a list, without "none" and blanks."""
+        return [r.strip() for r in self.report_to.split(",") if r.strip() not in ("", "none")]
+
 
 class ConfigError(ValueError):
     """The configuration is invalid; `.problems` lists every problem found."""

@@ -8,6 +8,7 @@ only by the fine-tune. A full fine-tune reloads its trained weights instead of m
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +19,12 @@ log = logging.getLogger(__name__)
 
 def export(cfg: TrainConfig, final_dir: Path, processor: Any, history: list[dict[str, Any]], val_examples: list,
            *, resumed_from: Path | None) -> dict[str, Any]:
-    import torch
-
     from train.artifact import EVAL_REPORT_FILE, save_artifact
-    from train.job import remove_full_weights
     from train.logs import format_metrics
-    from train.merge import apply_adapter, load_model, resolve_dtype
+    from train.merge import apply_adapter, device_and_dtype, load_model
     from train.report import LOSS_CURVE_FILE, build_report, generate_answers, plot_loss_curve, write_report
 
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = resolve_dtype(cfg.merge_dtype, bf16=cfg.bf16, fp16=cfg.fp16, cuda=cuda)
+    device, dtype = device_and_dtype(cfg.merge_dtype, bf16=cfg.bf16, fp16=cfg.fp16)
     eval_set = val_examples[: cfg.eval_max_samples] if cfg.eval_generation else []
 
     def answers(model: Any, run: str) -> list[str]:
@@ -53,7 +49,8 @@ def export(cfg: TrainConfig, final_dir: Path, processor: Any, history: list[dict
               "resumed_from": str(resumed_from) if resumed_from else None,
               "global_step": max((h.get("step", 0) for h in history), default=0)}
     save_artifact(out, model, processor, training_config=record)
-    remove_full_weights(final_dir)
+    if not cfg.lora_enable:  # the full fine-tune's final weights (job.FULL_WEIGHTS_DIR): the artifact has them now
+        shutil.rmtree(final_dir, ignore_errors=True)
     eval_loss = next((h["eval_loss"] for h in reversed(history) if "eval_loss" in h), None)
     summary: dict[str, Any] = {"eval_loss": eval_loss}
     if eval_set:

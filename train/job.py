@@ -10,7 +10,6 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +94,7 @@ def init_deepspeed_comm(args: Any, *, cuda: bool) -> None:
 def check_trackers(cfg: TrainConfig) -> None:
     from transformers.integrations import get_available_reporting_integrations
 
-    wanted = [r.strip() for r in cfg.report_to.split(",") if r.strip() not in ("", "none")]
+    wanted = cfg.trackers()
     missing = [r for r in wanted if r not in get_available_reporting_integrations() and r != "all"]
     if missing:
         log.warning("--report_to %s: not installed in this environment, dropped; metrics still go to the log "
@@ -160,18 +159,20 @@ def restore_finished(trainer: Any, checkpoint: Path) -> None:
     """The final checkpoint's weights and trainer state (its log history feeds the report's loss curve)."""
     from transformers.trainer_callback import TrainerState
 
+    from train.checkpoints import STATE_FILE
+
     trainer._load_from_checkpoint(str(checkpoint))
-    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    trainer.state = TrainerState.load_from_json(str(checkpoint / STATE_FILE))
 
 
 def save_final(cfg: TrainConfig, trainer: Any) -> Path:
     """Every rank takes part (ZeRO-3 gathers the weights); rank 0 writes."""
-    from train.trainer import SaveConfigCallback
+    from train.artifact import write_training_config
 
     final = Path(cfg.output_dir) / (ADAPTER_DIR if cfg.lora_enable else FULL_WEIGHTS_DIR)
     trainer.save_model(str(final))
-    if trainer.is_world_process_zero():
-        SaveConfigCallback(cfg.to_dict()).write(final)  # lets `python -m train.merge --adapter` find the base
+    if trainer.is_world_process_zero() and final.is_dir():
+        write_training_config(final, cfg.to_dict())  # lets `python -m train.merge --adapter` find the base
     trainer.accelerator.wait_for_everyone()
     return final
 
@@ -192,7 +193,3 @@ def release(trainer: Any) -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
-
-def remove_full_weights(final_dir: Path) -> None:
-    if final_dir.name == FULL_WEIGHTS_DIR:
-        shutil.rmtree(final_dir, ignore_errors=True)

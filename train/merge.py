@@ -17,6 +17,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from train.artifact import read_training_config
+
 log = logging.getLogger(__name__)
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -38,6 +40,14 @@ def resolve_dtype(name: str, *, bf16: bool = False, fp16: bool = False, cuda: bo
             return torch.float16
         return torch.float32
     return getattr(torch, name)
+
+
+def device_and_dtype(name: str, *, bf16: bool, fp16: bool) -> tuple[Any, Any]:
+    """Where merging and eval run (the GPU when there is one) and `resolve_dtype` there."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return torch.device("cuda" if cuda else "cpu"), resolve_dtype(name, bf16=bf16, fp16=fp16, cuda=cuda)
 
 
 def load_model(path: str | Path, *, dtype: Any, device: Any) -> Any:
@@ -77,17 +87,13 @@ def read_adapter_info(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, Any]
     if not adapter_config.is_file():
         raise MergeError(f"{adapter_dir} has no adapter_config.json: not a LoRA checkpoint (a full fine-tune "
                          "checkpoint is already a complete model)")
-    training = adapter_dir / "training_config.json"
-    return (json.loads(adapter_config.read_text()),
-            json.loads(training.read_text()) if training.is_file() else {})
+    return json.loads(adapter_config.read_text()), read_training_config(adapter_dir)
 
 
 def merge_checkpoint(adapter_dir: str | Path, output_dir: str | Path, *, base_model: str | None = None,
                      version: str | None = None, image_aspect_ratio: str | None = None,
                      dtype: str = "auto") -> Path:
     """Merge an adapter checkpoint into its base and save an artifact (train/artifact.py) to `output_dir`."""
-    import torch
-
     from train.artifact import save_artifact
 
     adapter_dir = Path(adapter_dir)
@@ -101,10 +107,7 @@ def merge_checkpoint(adapter_dir: str | Path, output_dir: str | Path, *, base_mo
         raise MergeError(f"base model {base!r} ({origin}) has no config.json: not a model dir")
     version = version or training.get("version") or "v1"
     aspect = image_aspect_ratio or training.get("image_aspect_ratio") or "pad"
-    cuda = torch.cuda.is_available()
-    torch_dtype = resolve_dtype(dtype, bf16=training.get("bf16", False), fp16=training.get("fp16", False),
-                                cuda=cuda)
-    device = torch.device("cuda" if cuda else "cpu")
+    device, torch_dtype = device_and_dtype(dtype, bf16=training.get("bf16", False), fp16=training.get("fp16", False))
     log.info("merging %s into %s (%s)", adapter_dir, base, torch_dtype)
     model = apply_adapter(load_model(base, dtype=torch_dtype, device=device), adapter_dir)
     processor = load_processor([adapter_dir, base], version=version, image_aspect_ratio=aspect)

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from train.artifact import write_training_config
 from train.config import TrainConfig
 from train.logs import format_metrics
 from train.modeling import is_projector_param
@@ -124,12 +124,9 @@ class SaveConfigCallback(TrainerCallback):
         self.config = config
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.is_world_process_zero:
-            self.write(Path(args.output_dir) / f"checkpoint-{state.global_step}")
-
-    def write(self, folder: Path) -> None:
-        if folder.is_dir():
-            (folder / "training_config.json").write_text(json.dumps(self.config, indent=2, sort_keys=True))
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            write_training_config(folder, self.config)
 
 
 class SampleIdLogger:
@@ -146,7 +143,7 @@ class SampleIdLogger:
 def training_arguments(cfg: TrainConfig, *, use_cpu: bool, tf32: bool | None) -> Any:
     from transformers import TrainingArguments
 
-    report_to = [r.strip() for r in cfg.report_to.split(",") if r.strip() and r.strip() != "none"]
+    report_to = cfg.trackers()
     return TrainingArguments(
         output_dir=cfg.checkpoint_dir,
         per_device_train_batch_size=cfg.per_device_train_batch_size,
