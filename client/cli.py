@@ -52,10 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         # Point stdout at /dev/null so the interpreter's final flush does not fail again (Python docs, "SIGPIPE").
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except OptionsError as e:
-        print(f"llava-sm {args.command}: {e}", file=sys.stderr)
-        return 2
-    except AwsConfigError as e:
+    except (OptionsError, AwsConfigError) as e:
         print(f"llava-sm {args.command}: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # AWS API errors: the service's message is the useful part, not our traceback

@@ -81,11 +81,16 @@ class DeployOptions:
     def autoscaling(self) -> bool:
         return self.max_instances is not None
 
+    @property
+    def min_capacity(self) -> int:
+        """The auto-scaling floor: --min-instances, else the starting --instance-count."""
+        return self.min_instances if self.min_instances is not None else self.instance_count
+
     def _scaling_problems(self) -> list[str]:
         given = [n for n in ("min_instances", "target_invocations") if getattr(self, n) is not None]
         if not self.autoscaling:
             return [f"{n} needs --max-instances (auto-scaling)" for n in given]
-        low = self.min_instances if self.min_instances is not None else self.instance_count
+        low = self.min_capacity
         p = o.check_range("min_instances", low, 1)
         if self.max_instances < low:
             p.append(f"max_instances ({self.max_instances}) must be >= min_instances ({low})")
@@ -145,7 +150,7 @@ def build_requests(opts: DeployOptions, *, now: float | None = None) -> dict[str
 
 def scaling_requests(opts: DeployOptions) -> dict[str, dict[str, Any]]:
     rid = resource_id(opts.endpoint_name, opts.variant_name)
-    low = opts.min_instances if opts.min_instances is not None else opts.instance_count
+    low = opts.min_capacity
     return {
         "RegisterScalableTarget": {"ServiceNamespace": "sagemaker", "ResourceId": rid,
                                    "ScalableDimension": SCALABLE_DIMENSION,

@@ -77,8 +77,7 @@ class EvalOptions:
             p.append(f"data: {self.data} is not a file")
         if self.model_dir and not Path(self.model_dir).is_dir():
             p.append(f"model_dir: {self.model_dir} is not a directory")
-        if self.url and not self.url.startswith(("http://", "https://")):
-            p.append(f"url: {self.url!r} must start with http:// or https://")
+        p += o.check_url("url", self.url)
         p += o.check_name("endpoint_name", self.endpoint_name)
         p += [f"compare: {c} is not a file" for c in self.compare if not Path(c).is_file()]
         if self.quantization not in ("none", "bf16", "fp16", "nf4", "auto"):

@@ -225,6 +225,12 @@ def check_name(name: str, value: str | None) -> list[str]:
     return []
 
 
+def check_url(name: str, value: str | None) -> list[str]:
+    if value and not value.startswith(("http://", "https://")):
+        return [f"{name}: {value!r} must start with http:// or https://"]
+    return []
+
+
 def check_range(name: str, value: int | float | None, low: float, high: float | None = None) -> list[str]:
     if value is None:
         return []

@@ -35,8 +35,7 @@ class PredictOptions:
 
     def problems(self) -> list[str]:
         p = ["give --url or --endpoint-name, not both"] if self.url and self.endpoint_name else []
-        if self.url and not self.url.startswith(("http://", "https://")):
-            p.append(f"url: {self.url!r} must start with http:// or https://")
+        p += o.check_url("url", self.url)
         p += o.check_name("endpoint_name", self.endpoint_name)
         p += o.check_range("temperature", self.temperature, 0)
         p += o.check_range("top_p", self.top_p, 1e-9, 1)

@@ -81,13 +81,13 @@ esac
 if [ "$cpu" = 1 ]; then
     base=${base:-$CPU_BASE}
     torch_spec=${torch_spec:-$CPU_TORCH_SPEC}
-    [ "$torch_index_set" = 1 ] || torch_index=$CPU_TORCH_INDEX
+    [ "$torch_index_set" = 1 ] || { torch_index=$CPU_TORCH_INDEX; torch_index_set=1; }
 fi
 tag=${tag:-$([ "$cpu" = 1 ] && echo cpu || echo latest)}
 [ "$torch_index" = none ] && torch_index=""
 [ -n "$base" ] && build_args+=(--build-arg "BASE_IMAGE=$base")
 [ -n "$torch_spec" ] && build_args+=(--build-arg "TORCH_SPEC=$torch_spec")
-if [ "$torch_index_set" = 1 ] || [ "$cpu" = 1 ]; then
+if [ "$torch_index_set" = 1 ]; then
     build_args+=(--build-arg "TORCH_INDEX_URL=$torch_index")
 fi
 
