@@ -58,14 +58,11 @@ while [ "$#" -gt 0 ]; do
 done
 [ "${#targets[@]}" -gt 0 ] || targets=(serve train)
 
-if [ -z "$engine" ]; then
-    if command -v podman >/dev/null; then engine=podman; elif command -v docker >/dev/null; then engine=docker; fi
-fi
-case "$engine" in
-    podman | docker) [ "$dry_run" = 1 ] || command -v "$engine" >/dev/null || die "$engine is not installed" ;;
-    "") die "neither podman nor docker is installed" ;;
-    *) die "--engine must be docker or podman, not $engine" ;;
-esac
+# shellcheck source=container/engine.sh
+. "$(dirname "$0")/engine.sh"
+pick_engine podman docker  # podman first for building, as --engine's help says
+check_engine podman docker
+[ "$dry_run" = 1 ] || command -v "$engine" >/dev/null || die "$engine is not installed"
 
 build_args=()
 case "$cuda" in

@@ -39,15 +39,11 @@ while [ "$#" -gt 0 ]; do
 done
 [ -n "$image" ] || { echo "push.sh: which local image? e.g. llava-sm-serve:latest" >&2; usage; }
 
-if [ -z "$engine" ]; then
-    if command -v docker >/dev/null; then engine=docker; elif command -v podman >/dev/null; then engine=podman; fi
-fi
+# shellcheck source=container/engine.sh
+. "$(dirname "$0")/engine.sh"
+pick_engine docker podman
 [ -n "$engine" ] || [ "$dry_run" = 0 ] || engine=docker
-case "$engine" in
-    docker | podman) ;;
-    "") die "neither docker nor podman is installed" ;;
-    *) die "--engine must be docker or podman, not $engine" ;;
-esac
+check_engine docker podman
 
 last=${image##*/}  # name[:tag], without a registry host (which may have a :port)
 if [[ $last == *:* ]]; then

@@ -1,15 +1,10 @@
 # Shared by container/run-local.sh and container/train-local.sh (sourced, not run): pick the container engine and
 # the GPU flags for `run`. Expects `die`, `engine` (may be empty) and `cpu` (0/1) to be set by the caller.
 
-# docker first for running (its --gpus is the usual local GPU path), then podman.
-if [ -z "$engine" ]; then
-    if command -v docker >/dev/null; then engine=docker; elif command -v podman >/dev/null; then engine=podman; fi
-fi
-case "$engine" in
-    docker | podman) ;;
-    "") die "neither docker nor podman is installed" ;;
-    *) die "--engine must be docker or podman, not $engine" ;;
-esac
+# shellcheck source=container/engine.sh
+. "$(dirname "$0")/engine.sh"
+pick_engine docker podman  # docker first for running (its --gpus is the usual local GPU path)
+check_engine docker podman
 
 # GPU access: docker's --gpus, podman's CDI device (nvidia-container-toolkit's generated spec).
 gpu=()
