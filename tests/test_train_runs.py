@@ -45,9 +45,21 @@ def dataset(tmp_path):
     return {"data": str(data), "images": str(images)}
 
 
-def test_bad_data_is_a_user_error_reported_before_any_model_is_read(tmp_path, monkeypatch, caplog):
+def user_error_reason(base: Path, monkeypatch, caplog) -> str:
+    """Run the job in the SageMaker tree `base`: it must exit 2 with a one-line "Invalid input:" failure file and no
+    traceback in the log; returns that reason."""
     from train.__main__ import main
 
+    monkeypatch.setenv("SM_BASE_DIR", str(base))
+    caplog.set_level(logging.INFO)
+    assert main([]) == 2
+    failure = (base / "output" / "failure").read_text()
+    assert failure.startswith("Invalid input:") and "\n" not in failure
+    assert "Traceback" not in caplog.text
+    return failure
+
+
+def test_bad_data_is_a_user_error_reported_before_any_model_is_read(tmp_path, monkeypatch, caplog):
     rows = tiny_rows(4)
     rows[1]["conversations"] = []
     rows[3]["image"] = "missing.png"
@@ -55,33 +67,19 @@ def test_bad_data_is_a_user_error_reported_before_any_model_is_read(tmp_path, mo
     data = write_rows(tmp_path / "data.json", rows)
     base = sagemaker_tree(tmp_path / "ml", {"data_path": str(data), "image_folder": str(tmp_path / "images"),
                                             "model_name_or_path": str(tmp_path / "no-such-model")})
-    monkeypatch.setenv("SM_BASE_DIR", str(base))
-    caplog.set_level(logging.INFO)
-
-    assert main([]) == 2
-    failure = (base / "output" / "failure").read_text()
-    assert failure.startswith("Invalid input:") and "\n" not in failure
+    failure = user_error_reason(base, monkeypatch, caplog)
     assert "row 2 (id 'ex-1'): 'conversations' must be a non-empty list" in failure
     assert "row 4 (id 'ex-3'): image 'missing.png' not found" in failure
     assert "no-such-model" not in failure  # the data was rejected before the model was even looked at
-    assert "Traceback" not in caplog.text
 
 
 def test_no_example_fitting_model_max_length_is_a_user_error(tmp_path, dataset, tiny_artifact, monkeypatch, caplog):
-    from train.__main__ import main
-
     base = sagemaker_tree(tmp_path / "ml", {"data_path": dataset["data"], "image_folder": dataset["images"],
                                             "model_name_or_path": tiny_artifact, "lora_enable": "true",
                                             "model_max_length": "8"})
-    monkeypatch.setenv("SM_BASE_DIR", str(base))
-    caplog.set_level(logging.INFO)
-
-    assert main([]) == 2
-    failure = (base / "output" / "failure").read_text()
-    assert failure.startswith("Invalid input:") and "\n" not in failure
+    failure = user_error_reason(base, monkeypatch, caplog)
     assert "none of the 8 examples fits --model_max_length 8 (image tokens count towards it)" in failure
     assert "row 0" not in failure  # rows are numbered from 1; this is about the whole file
-    assert "Traceback" not in caplog.text
 
 
 @pytest.mark.parametrize("argv, expected", [
