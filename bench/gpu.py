@@ -58,17 +58,14 @@ def llava15_7b_config(image_token_index: int, pad_token_id: int, bos: int, eos: 
 def build_7b_artifact(out_dir: Path, device: str) -> Path:
     """Random bf16 LLaVA-1.5-7B-shaped model + offline tokenizer/processor, saved as a training run saves one."""
     import torch
-    from transformers import CLIPImageProcessor, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import LlavaForConditionalGeneration
 
-    from train.artifact import configure_processor, save_artifact
+    from bench.preprocess import llava15_processor
+    from train.artifact import save_artifact
     from train.tiny import DEFAULT_CORPUS, train_tokenizer
 
-    tokenizer = train_tokenizer(DEFAULT_CORPUS + [QUESTION], vocab_size=32064)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               image_token="<image>")
-    configure_processor(processor, version="v1", image_aspect_ratio="pad")
+    processor = llava15_processor(train_tokenizer(DEFAULT_CORPUS + [QUESTION], vocab_size=32064))
+    tokenizer = processor.tokenizer
     config = llava15_7b_config(tokenizer.convert_tokens_to_ids("<image>"), tokenizer.pad_token_id,
                                tokenizer.bos_token_id, tokenizer.eos_token_id)
     torch.manual_seed(0)
@@ -100,14 +97,12 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def model_inputs(loaded: Any, image: Any, n: int = 1) -> dict[str, Any]:
+def model_inputs(encoder: Any, loaded: Any, image: Any) -> dict[str, Any]:
+    """What the server feeds the model for `image`: preshrink, then serve.encoding, on the device."""
     from serve.preshrink import preshrink
 
-    p = loaded.processor
-    message = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}
-    prompt = p.apply_chat_template([message], add_generation_prompt=True, tokenize=False)
-    small = preshrink(image, p.image_processor)  # a new image: `image` is left as it is
-    batch = {k: v.to(loaded.device) for k, v in p(images=[small] * n, text=[prompt] * n, return_tensors="pt").items()}
+    small = preshrink(image, loaded.processor.image_processor)  # a new image: `image` is left as it is
+    batch = {k: v.to(loaded.device) for k, v in encoder.encode(QUESTION, small).items()}
     batch["pixel_values"] = batch["pixel_values"].to(loaded.model.dtype)
     return batch
 
@@ -135,8 +130,9 @@ def decode_speed(loaded: Any, image: Any, new_tokens: int, repeats: int, name: s
     """Batch-1 decode tokens/s of one path (`name`: eager or accel) = (N - 1) / (t(N) - t(1)): prefill and the
     first token cancel out. Warm-up first (compilation, for the accelerated path), then medians."""
     from serve.accel import Accelerator
+    from serve.encoding import Encoder
 
-    batch = model_inputs(loaded, image)
+    batch = model_inputs(Encoder(loaded.processor), loaded, image)
     accel = Accelerator(loaded.model, accel_config, device=loaded.device)
     start = time.perf_counter()
     timed_generate(accel, loaded, batch, new_tokens)
@@ -156,7 +152,9 @@ def ttft(loaded: Any, image_bytes: bytes, repeats: int, accel_config: Any) -> di
     """Concurrency 1: decode the PNG bytes, preprocess, prefill, first token (what a streaming client would see),
     on the accelerated path (`ttft_*`) and on eager generate (`eager_ttft_*`), with each part's p50."""
     from serve.accel import AccelConfig, Accelerator
+    from serve.encoding import Encoder
 
+    encoder = Encoder(loaded.processor)
     out: dict[str, Any] = {}
     for prefix, cfg in (("", accel_config), ("eager_", AccelConfig(mode="off"))):
         accel = Accelerator(loaded.model, cfg, device=loaded.device)
@@ -166,7 +164,7 @@ def ttft(loaded: Any, image_bytes: bytes, repeats: int, accel_config: Any) -> di
             start = time.perf_counter()
             image = decode(image_bytes)
             decoded = time.perf_counter()
-            batch = model_inputs(loaded, image)
+            batch = model_inputs(encoder, loaded, image)
             sync(loaded.device)
             prepared = time.perf_counter()
             timed_generate(accel, loaded, batch, 1)

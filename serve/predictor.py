@@ -8,7 +8,7 @@ answers the same alone or batched), temperature > 0 samples with that row's temp
 max_new_tokens, stop strings and the deadline are checked per row after every token. A row that finishes is
 handed to `on_result` at once, so callers of short answers do not wait for the longest row. A row that cannot be
 prepared (a prompt longer than the model's context) fails alone; the others still run.
-Prompts render with the chat template from the model dir and pad on the left.
+Prompts render with the chat template from the model dir (serve.encoding) and pad on the left.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from serve.accel import AccelConfig, Accelerator
+from serve.encoding import Encoder
 from serve.errors import ApiError
 from serve.model import LoadedModel
 
@@ -75,6 +76,7 @@ class Predictor:
         self.loaded = loaded
         # Static cache + compiled decode on CUDA (serve/accel.py); SERVE_ACCEL=off keeps plain eager generate.
         self.accel = Accelerator(loaded.model, accel or AccelConfig.from_env(), device=loaded.device)
+        self.encoder = Encoder(loaded.processor)
         gen = loaded.generation_config
         self.max_new_tokens_cap = max_new_tokens_cap
         self.default_max_new_tokens = min(gen.max_new_tokens or 128, max_new_tokens_cap)
@@ -114,11 +116,6 @@ class Predictor:
         """What serve.images shrinks images for, on the request threads (serve.preshrink)."""
         return self.loaded.processor.image_processor
 
-    def render_prompt(self, question: str, with_image: bool = True) -> str:
-        content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": question}]
-        return self.loaded.processor.apply_chat_template([{"role": "user", "content": content}],
-                                                         add_generation_prompt=True, tokenize=False)
-
     # ------------------------------------------------------------------ preparation
     def prepare(self, req: GenerationRequest) -> None:
         """Render the prompt, tokenize and preprocess the image now, on the calling thread (the request's), so the
@@ -127,9 +124,7 @@ class Predictor:
         req.inputs = self._encode(req)
 
     def _encode(self, req: GenerationRequest) -> dict[str, Any]:
-        prompt = self.render_prompt(req.question, with_image=req.image is not None)
-        images = [req.image] if req.image is not None else None
-        inputs = dict(self.loaded.processor(images=images, text=[prompt], return_tensors="pt"))
+        inputs = self.encoder.encode(req.question, req.image)
         prompt_tokens = int(inputs["input_ids"].shape[1])
         context = self.loaded.max_positions
         if context is not None and prompt_tokens >= context:

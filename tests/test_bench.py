@@ -26,7 +26,10 @@ def test_preprocess_reports_time_and_pixel_difference(tmp_path, capsys):
     for row in rows.values():
         assert row["fast_p50_ms"] > 0 and row["reference_p50_ms"] > 0
         assert row["max_abs_diff_levels"] <= 40 and row["mean_abs_diff_levels"] <= 0.5
+        assert row["encode_fast_path"] is True
+        assert row["processor_encode_p50_ms"] > 0 and row["serve_encode_p50_ms"] > 0 and row["server_total_p50_ms"] > 0
     assert "| PNG | 900x600 |" in (tmp_path / "preprocess.md").read_text()
+    assert "bytes to model inputs" in (tmp_path / "preprocess.md").read_text()
     assert "fast to pixel_values" in capsys.readouterr().out
 
 

@@ -113,6 +113,15 @@ def test_a_row_that_cannot_be_prepared_fails_alone(tiny_predictor, tiny_loaded):
     assert out[2].code == "invalid_request" and "cap" in out[2].message
 
 
+def test_a_question_holding_the_image_placeholder_fails_alone(tiny_predictor):
+    """The processor would raise on a second image token for the whole batch; the row gets a clear 400."""
+    for row in (GenerationRequest(image=image(1), question="what is <image> here?"),
+                GenerationRequest(image=None, question="<image>")):
+        out = tiny_predictor.predict([greedy(0), row])
+        assert out[0] == tiny_predictor.predict([greedy(0)])[0]
+        assert out[1].code == "invalid_request" and "'<image>'" in out[1].message
+
+
 def test_text_only_and_image_rows_mix(tiny_predictor):
     out = tiny_predictor.predict([GenerationRequest(image=None, question="hello", temperature=0), greedy(0)])
     assert all(isinstance(o, GenerationResult) for o in out)
