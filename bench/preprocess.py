@@ -97,32 +97,32 @@ def pixel_diff(processor, a, b) -> dict[str, float]:
 
 def run(width: int, height: int, repeats: int, full_processor) -> list[dict[str, Any]]:
     from bench.samples import chart_image, encode
+
+    image = chart_image(width, height)
+    return [format_row(fmt, encode(image, fmt), f"{width}x{height}", repeats, full_processor) for fmt in ("PNG", "JPEG")]
+
+
+def format_row(fmt: str, data: bytes, size: str, repeats: int, full_processor) -> dict[str, Any]:
     from serve.encoding import Encoder
 
     processor = full_processor.image_processor
     encoder, reference_encoder = Encoder(full_processor), Encoder(full_processor, fast=False)
-    image = chart_image(width, height)
-    rows = []
-    for fmt in ("PNG", "JPEG"):
-        data = encode(image, fmt)
-        row: dict[str, Any] = {"format": fmt, "size": f"{width}x{height}", "bytes": len(data)}
-        small = fast_geometry(data, processor)
-        for name, fn in (("decode_only", lambda: decode(data)),
-                         ("reference", lambda: reference(data, processor)),
-                         ("fast_geometry", lambda: fast_geometry(data, processor)),
-                         ("fast", lambda: fast(data, processor)),
-                         ("processor_encode", lambda: reference_encoder.encode(QUESTION, small)),
-                         ("serve_encode", lambda: encoder.encode(QUESTION, small)),
-                         ("server_total", lambda: encoder.encode(QUESTION, fast_geometry(data, processor)))):
-            ms = time_ms(fn, repeats)
-            row[f"{name}_p50_ms"] = percentile(ms, 50)
-            row[f"{name}_p90_ms"] = percentile(ms, 90)
-        row["encode_fast_path"] = encoder.fast
-        row.update(pixel_diff(processor, reference(data, processor), fast(data, processor)))
-        row["speedup"] = row["reference_p50_ms"] / row["fast_p50_ms"]
-        row["meets_target"] = row["fast_p50_ms"] <= TARGET_MS
-        rows.append(row)
-    return rows
+    small = fast_geometry(data, processor)
+    row: dict[str, Any] = {"format": fmt, "size": size, "bytes": len(data), "encode_fast_path": encoder.fast}
+    for name, fn in (("decode_only", lambda: decode(data)),
+                     ("reference", lambda: reference(data, processor)),
+                     ("fast_geometry", lambda: fast_geometry(data, processor)),
+                     ("fast", lambda: fast(data, processor)),
+                     ("processor_encode", lambda: reference_encoder.encode(QUESTION, small)),
+                     ("serve_encode", lambda: encoder.encode(QUESTION, small)),
+                     ("server_total", lambda: encoder.encode(QUESTION, fast_geometry(data, processor)))):
+        ms = time_ms(fn, repeats)
+        row[f"{name}_p50_ms"] = percentile(ms, 50)
+        row[f"{name}_p90_ms"] = percentile(ms, 90)
+    row.update(pixel_diff(processor, reference(data, processor), fast(data, processor)))
+    row["speedup"] = row["reference_p50_ms"] / row["fast_p50_ms"]
+    row["meets_target"] = row["fast_p50_ms"] <= TARGET_MS
+    return row
 
 
 ENCODE_COLUMNS = [("format", "format"), ("size", "size"), ("processor_encode_p50_ms", "processor call ms (p50)"),

@@ -30,9 +30,9 @@ def images(side: int) -> list[Image.Image]:
 
 def assert_same(a: dict, b: dict) -> None:
     assert set(a) == set(b)
-    for key in b:
-        assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
-        assert torch.equal(a[key], b[key]), key
+    for key, expected in b.items():
+        assert a[key].dtype == expected.dtype and a[key].shape == expected.shape, key
+        assert torch.equal(a[key], expected), key
 
 
 @pytest.fixture(scope="module")
