@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import logging
 import os
 import re
@@ -103,6 +104,7 @@ def create_app(cfg: ServeConfig, *, predictor_factory: Callable[[], Any] | None 
         started = time.perf_counter()
         try:
             predictor = factory()
+            freeze_startup_heap()
             state.batcher = Batcher(predictor, max_batch_size=cfg.max_batch_size, max_wait_ms=cfg.max_wait_ms,
                                     max_queue=cfg.max_queue).start()
         except BaseException as e:  # noqa: BLE001 - reported to the operator and to /ping
@@ -235,6 +237,15 @@ async def read_body_capped(request: Request, limit: int) -> bytes:
     if over:
         raise ApiError("payload_too_large", message)
     return b"".join(chunks)
+
+
+def freeze_startup_heap() -> None:
+    """Collect once, then move every object alive after the load and warm-up (libraries, the model, compiled
+    graphs) to CPython's permanent generation. They live as long as the process. A full collection would
+    otherwise walk all of them with the GIL held (190 ms for the tiny CPU server's 420k objects, more after
+    torch.compile). Now it walks only what requests created. vLLM does the same after capturing CUDA graphs."""
+    gc.collect()
+    gc.freeze()
 
 
 # The request-thread half of the work: fetch/decode the image, shrink it for the model's image processor

@@ -254,6 +254,20 @@ def test_ping_is_503_until_the_model_is_loaded(tiny_loaded, tiny_artifact):
         assert client.post("/invocations", json=GOOD).status_code == 200
 
 
+def test_the_heap_left_by_the_load_is_frozen_before_ping_turns_200(tiny_loaded, tiny_artifact):
+    """Objects alive after the load move to the permanent generation, so a full collection during traffic walks
+    only what requests created."""
+    import gc
+
+    gc.unfreeze()  # whatever an earlier test froze
+    assert gc.get_freeze_count() == 0
+    with TestClient(create_app(serve_config(tiny_artifact),
+                               predictor_factory=lambda: Predictor(tiny_loaded))) as client:
+        wait_ready(client.get)
+        assert gc.get_freeze_count() > 10_000  # torch, transformers, the model: hundreds of thousands here
+        assert client.post("/invocations", json=GOOD).status_code == 200
+
+
 def test_failed_load_keeps_ping_503_and_reports_it(tiny_artifact, caplog):
     failures = []
 
