@@ -186,6 +186,7 @@ def test_torchrun_plans():
     assert "--master_addr=algo-1" in cmd and cmd[-4:] == ["-m", "train", "--lora_enable", "True"]
     one_host = torchrun_command([], gpus=8, resource=ResourceConfig("algo-1", ["algo-1"]), env={})
     assert "--standalone" in one_host and "--nproc_per_node=8" in one_host
+    assert "--shutdown-timeout=100" in one_host  # ranks get most of SageMaker's 120 s to save a checkpoint
     assert torchrun_command([], gpus=1, resource=None, env={}) is None
     assert torchrun_command([], gpus=8, resource=None, env={"LOCAL_RANK": "0"}) is None  # already launched
     env: dict[str, str] = {}

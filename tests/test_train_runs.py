@@ -181,22 +181,88 @@ def test_killed_run_resumes_from_its_newest_complete_checkpoint(tmp_path, datase
     assert (out / "model.safetensors").is_file()
 
 
-def test_sigterm_stops_the_job_with_a_failure_file_and_exit_143(tmp_path, dataset, tiny_artifact):
-    """SageMaker stops a job (StopTrainingJob, spot, MaxRuntime) with SIGTERM, then SIGKILL 120 s later: the job
-    must react at once, say why in the failure file, and leave its checkpoints for the next run."""
+def wait_for_line(job: subprocess.Popen, log: Path, text: str, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text(errors="replace"):
+        assert job.poll() is None and time.monotonic() < deadline, f"no {text!r} before the run ended"
+        time.sleep(0.05)
+
+
+def stop_mid_training(argv: list[str], log: Path, *, launcher: list[str] | None = None, **env: str) -> int:
+    """Start the job, SIGTERM it once it has logged two steps (as SageMaker stops a job: StopTrainingJob, spot,
+    MaxRuntime; SIGKILL comes 120 s later); returns its exit status."""
+    with open(log, "wb") as out:
+        job = subprocess.Popen([*(launcher or [sys.executable, "-m"]), "train", *argv], cwd=REPO,
+                               env=train_env(**env), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for_line(job, log, "[train] step=2 ")
+        job.send_signal(signal.SIGTERM)
+        return job.wait(timeout=110)
+    finally:
+        job.kill()
+
+
+def test_sigterm_mid_training_saves_that_step_exits_143_and_the_next_run_resumes_there(tmp_path, dataset,
+                                                                                       tiny_artifact):
+    """No --save_steps checkpoint would come for a long time: the job finishes its step, saves it, names it in the
+    failure file and exits 143 without exporting; the next run continues from exactly that step."""
     base = sagemaker_tree(tmp_path / "ml", {})
     out = tmp_path / "out"
-    argv = lora_run_args(tiny_artifact, dataset, out, max_steps=400) + ["--checkpoint_dir", str(out)]
-    job = subprocess.Popen([sys.executable, "-m", "train", *argv], cwd=REPO, env=train_env(SM_BASE_DIR=str(base)),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def argv(max_steps: int) -> list[str]:
+        return lora_run_args(tiny_artifact, dataset, out, max_steps=max_steps) + [
+            "--checkpoint_dir", str(out), "--save_steps", "1000"]
+
+    assert stop_mid_training(argv(400), tmp_path / "job.log", SM_BASE_DIR=str(base)) == 143
+    saved = list(out.glob("checkpoint-*"))
+    assert len(saved) == 1, tmp_path.joinpath("job.log").read_text()[-4000:]
+    step = trainer_state(saved[0])["global_step"]
+    assert saved[0].name == f"checkpoint-{step}" and step >= 2
+    failure = (base / "output" / "failure").read_text()
+    assert failure.startswith("Stopped by SIGTERM") and f"saved {saved[0]} on the way out" in failure
+    assert not (out / "model.safetensors").exists()  # stopped: no export of a half-trained model
+
+    second = run_train(argv(step + 2))
+    assert second.returncode == 0, output_of(second)[-4000:]
+    assert f"resuming from {saved[0]} (step {step})" in second.stdout
+    assert [int(s) for s in re.findall(r"\[train\] step=(\d+) ", second.stdout)] == [step + 1, step + 2]
+
+
+def test_sigterm_under_deepspeed_saves_the_same_step_on_both_ranks(tmp_path, dataset, tiny_artifact):
+    """torchrun forwards SIGTERM to both ranks, which may see it in different steps: they agree on one step
+    (an all-reduce per step) and save it together (DeepSpeed's engine state included)."""
+    out = tmp_path / "out"
+    argv = lora_run_args(tiny_artifact, dataset, out, max_steps=400) + ["--save_steps", "1000", "--deepspeed",
+                                                                          "zero2"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "--shutdown-timeout", "100", "-m"]
+    status = stop_mid_training(argv, tmp_path / "job.log", launcher=launcher, OMP_NUM_THREADS="1")
+    log = (tmp_path / "job.log").read_text(errors="replace")
+    assert status != 0, log[-4000:]
+    saved = list(out.glob("checkpoint-*"))
+    assert len(saved) == 1, log[-4000:]
+    step = trainer_state(saved[0])["global_step"]
+    assert (saved[0] / f"global_step{step}").is_dir()
+    assert len(re.findall(r"Stopped by SIGTERM before finishing; saved \S+checkpoint-(\d+)", log)) == 2
+    assert set(re.findall(r"Stopped by SIGTERM before finishing; saved \S+checkpoint-(\d+)", log)) == {str(step)}
+
+
+def test_sigterm_before_training_unwinds_at_once(tmp_path, dataset, tiny_artifact):
+    """Outside the training loop there is no step to finish: the job stops at once, exit 143, failure file."""
+    base = sagemaker_tree(tmp_path / "ml", {})
+    log = tmp_path / "job.log"
+    with open(log, "wb") as out:
+        job = subprocess.Popen([sys.executable, "-m", "train", *lora_run_args(tiny_artifact, dataset, tmp_path / "o",
+                                                                               max_steps=400)],
+                               cwd=REPO, env=train_env(SM_BASE_DIR=str(base)), stdout=out, stderr=subprocess.STDOUT)
     try:
-        wait_for_checkpoint(job, out / "checkpoint-2")
+        wait_for_line(job, log, "loading ")  # data checked, the model loading: not training yet
         job.send_signal(signal.SIGTERM)
         assert job.wait(timeout=60) == 143
     finally:
         job.kill()
-    assert "Stopped by SIGTERM" in (base / "output" / "failure").read_text()
-    assert (out / "checkpoint-2" / "trainer_state.json").is_file()
+    assert "[train] step=" not in log.read_text()
+    assert (base / "output" / "failure").read_text().startswith("Stopped by SIGTERM before finishing; a new run")
 
 
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])

@@ -6,14 +6,14 @@
 Wiring only: resolve the config (train/config.py), start one process per GPU (train/launch.py), run the job
 (train/job.py). Any failure writes a one-paragraph reason to SageMaker's failure file and exits non-zero: 2 for the
 user's own error (config, data, base model), 1 for anything else (with the traceback in the log), 143 when stopped
-by SIGTERM (StopTrainingJob, a spot interruption, MaxRuntime: the newest checkpoint is where the next run resumes).
+by SIGTERM (StopTrainingJob, a spot interruption, MaxRuntime). SIGTERM during training saves a checkpoint at the end
+of the step first (train/stopping.py); the next run resumes from the newest complete checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 
@@ -24,21 +24,12 @@ from train.logs import setup_logging
 from train.merge import MergeError
 from train.modeling import ModelConfigError
 from train.sagemaker_env import BASE_DIR_ENV, SageMakerConfigError, SageMakerPaths
+from train.stopping import EXIT_STOPPED, StopRequested, install_stop_handler
 
 log = logging.getLogger("train")
 
 EXIT_USER_ERROR = 2
 EXIT_FAILURE = 1
-EXIT_STOPPED = 128 + signal.SIGTERM
-
-
-class StopRequested(Exception):
-    """SIGTERM arrived. Raised in the main thread so the job unwinds (and the failure file is written) rather than
-    being ignored: as PID 1 in a container, python would otherwise not react to SIGTERM until SIGKILL."""
-
-
-def _raise_stop(signum, frame) -> None:
-    raise StopRequested()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -46,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     paths = SageMakerPaths.from_env()
     rank = process_rank()
     setup_logging(rank)
-    signal.signal(signal.SIGTERM, _raise_stop)
+    install_stop_handler()
     try:
         resolved = resolve_config(argv, paths)
         if rank == 0:
@@ -60,9 +51,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except (ConfigError, DataError, SageMakerConfigError, ModelConfigError, MergeError) as e:
         return fail(paths, rank, f"Invalid input: {e}", EXIT_USER_ERROR)
-    except StopRequested:
-        return fail(paths, rank, "Stopped by SIGTERM before finishing; a new run resumes from the newest complete "
-                    "checkpoint", EXIT_STOPPED)
+    except StopRequested as e:
+        saved = f"saved {e.checkpoint} on the way out; " if e.checkpoint else ""
+        return fail(paths, rank, f"Stopped by SIGTERM before finishing; {saved}a new run resumes from the newest "
+                    "complete checkpoint", EXIT_STOPPED)
     except Exception as e:
         log.exception("training failed")
         return fail(paths, rank, f"Training failed ({type(e).__name__}): {e}", EXIT_FAILURE)

@@ -44,6 +44,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         restore_finished(trainer, resume)
     else:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        trainer.stop_on_signal.raise_if_stopped(cfg.checkpoint_dir)  # SIGTERM: checkpoint saved, no export
     final_dir = save_final(cfg, trainer)
     history = list(trainer.state.log_history)
     if not trainer.is_world_process_zero():

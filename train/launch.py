@@ -21,6 +21,7 @@ from train.sagemaker_env import ResourceConfig
 log = logging.getLogger(__name__)
 
 MASTER_PORT = 29500
+RANK_SHUTDOWN_S = 100  # of the 120 s SageMaker waits between SIGTERM and SIGKILL
 LAUNCHED_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
 
 
@@ -38,7 +39,10 @@ def torchrun_command(argv: Sequence[str], *, gpus: int, resource: ResourceConfig
     nproc = max(gpus, 1)
     if nnodes == 1 and nproc == 1:
         return None
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc_per_node={nproc}"]
+    # On SIGTERM torchrun forwards it and SIGKILLs the ranks after --shutdown-timeout (30 s by default); SageMaker
+    # kills the container 120 s after its SIGTERM: leave the ranks most of that to save their checkpoint.
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc_per_node={nproc}",
+           f"--shutdown-timeout={RANK_SHUTDOWN_S}"]
     if nnodes > 1:
         cmd += [f"--node_rank={resource.node_rank}", f"--master_addr={resource.master_host}",
                 f"--master_port={MASTER_PORT}"]

@@ -4,6 +4,8 @@
   `--mm_projector_lr` (LLaVA's recipe). Under DeepSpeed the Trainer hands this optimizer to the engine; with
   optimizer offload it is DeepSpeed's CPUAdam with the same groups (a torch optimizer would be refused).
 - `--group_by_modality_length`: train/sampler.py's ModalityLengthGroupedSampler replaces the random sampler.
+- SIGTERM inside the training loop: `StopOnSignal` saves a checkpoint at the end of the step and stops
+  (train/stopping.py); the job then exits 143 naming it.
 - Log lines: `MetricLogCallback` prints train/logs.py's `[train]` / `[eval]` lines on the main process; the
   progress bar stays but no longer prints its own dict lines.
 - On CPU (tests, laptops) DeepSpeed runs on gloo with `use_cpu=True` (without it two processes silently train on
@@ -20,6 +22,7 @@ from typing import Any
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from train import stopping
 from train.artifact import write_training_config
 from train.config import TrainConfig
 from train.logs import format_metrics
@@ -117,6 +120,31 @@ class QuietProgressCallback(ProgressCallback):
         return None
 
 
+class StopOnSignal(TrainerCallback):
+    """SIGTERM inside the training loop (train/stopping.py): at the end of the optimizer step, the same step on
+    every rank, save a checkpoint and stop; `raise_if_stopped` then names it."""
+
+    def __init__(self) -> None:
+        self.stopped_at: int | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        stopping.training_loop(True)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if stopping.stop_agreed(args):
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        stopping.training_loop(False)
+
+    def raise_if_stopped(self, checkpoint_dir: str | Path) -> None:
+        """After `trainer.train()` returns: StopRequested naming the checkpoint saved, if SIGTERM stopped it."""
+        if self.stopped_at is not None:
+            raise stopping.StopRequested(Path(checkpoint_dir) / f"checkpoint-{self.stopped_at}")
+
+
 class SaveConfigCallback(TrainerCallback):
     """Put the resolved config into every checkpoint, so `python -m train.merge` knows how it was trained."""
 
@@ -195,7 +223,8 @@ def build_trainer(cfg: TrainConfig, model: Any, processor: Any, train_dataset: A
         model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, data_collator=collator,
         processing_class=processor, projector_lr=cfg.mm_projector_lr,
         group_by_modality=cfg.group_by_modality_length,
-        callbacks=[MetricLogCallback(), SaveConfigCallback(cfg.to_dict())])
+        callbacks=[MetricLogCallback(), SaveConfigCallback(cfg.to_dict()), stop := StopOnSignal()])
+    trainer.stop_on_signal = stop
     trainer.remove_callback(PrinterCallback)
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(QuietProgressCallback())
