@@ -269,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench.samples import chart_image, encode
     from serve.accel import AccelConfig
+    from serve.app import freeze_startup_heap
     from serve.model import load_artifact
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -288,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench.gpu] {time.strftime('%H:%M:%S')} built in {built_s:.0f} s; loading", flush=True)
         loaded = load_artifact(path, quantization=quantization, device=device)
         load_s = time.perf_counter() - started - built_s
+    freeze_startup_heap()  # as the server does before traffic: no full collection walks the model mid-measurement
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()  # serving memory only, not the bf16 build
     image = decode(png)

@@ -103,3 +103,22 @@ def test_a_question_holding_the_image_placeholder_is_refused(tiny_processor, que
         with pytest.raises(ApiError) as e:
             encoder.encode(question, img)
         assert e.value.code == "invalid_request" and "'<image>'" in e.value.message
+
+
+def test_concurrent_encoding_on_the_prepare_threads_is_exact(tiny_processor):
+    """The server encodes on several prepare threads at once, through both paths and the shared tokenizer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    fast, reference = Encoder(tiny_processor), Encoder(tiny_processor, fast=False)
+    side = tiny_processor.image_processor.crop_size["height"]
+    cases = [(q, img) for q in QUESTIONS[:3] for img in (noise(side, side, 7), noise(side + 9, side, 8), None)]
+    expected = [reference.encode(q, img) for q, img in cases]
+
+    def encode_all(worker: int) -> list[dict]:
+        encoder = fast if worker % 2 else reference
+        return [encoder.encode(q, img) for _ in range(10) for q, img in cases]
+
+    with ThreadPoolExecutor(4) as pool:
+        for results in pool.map(encode_all, range(8)):
+            for i, got in enumerate(results):
+                assert_same(got, expected[i % len(cases)])
