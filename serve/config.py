@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -50,6 +51,7 @@ class ServeConfig:
     fetch_timeout_s: float = 10.0  # connect and per-read timeout of an image fetch
     fetch_max_redirects: int = 3
     fetch_allow_networks: tuple[Network, ...] = ()  # private/loopback networks images may still be fetched from
+    s3_buckets: tuple[str, ...] | None = None  # buckets s3:// images may come from; None: any the role can read
     max_batch_size: int = 8
     max_wait_ms: float = 10.0
     max_queue: int = 64
@@ -175,6 +177,22 @@ def _networks(raw: str) -> tuple[Network, ...]:
     return tuple(nets)
 
 
+S3_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+def _s3_buckets(raw: str) -> tuple[str, ...] | None:
+    """`*`: any bucket (None); `none`: no s3:// images (()); else bucket names, comma-separated."""
+    if raw == "*":
+        return None
+    if raw.lower() == "none":
+        return ()
+    names = [x.strip() for x in raw.split(",") if x.strip()]
+    bad = [n for n in names if not S3_BUCKET_NAME.match(n)]
+    if bad or not names:
+        raise ValueError(f"not S3 bucket names: {', '.join(bad) or raw} (use bucket names, '*' or 'none')")
+    return tuple(names)
+
+
 def _sagemaker_payload(raw: str, problems: list[str]) -> dict[str, int]:
     # Batch transform sets this; 0 means "unlimited" there, which we do not offer, so the default stays.
     try:
@@ -203,6 +221,7 @@ ENV_VARS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "fetch_timeout_s": ("SERVE_FETCH_TIMEOUT_S", _float(0)),
     "fetch_max_redirects": ("SERVE_FETCH_MAX_REDIRECTS", _int(0, 10)),
     "fetch_allow_networks": ("SERVE_FETCH_ALLOW_NETWORKS", _networks),
+    "s3_buckets": ("SERVE_S3_BUCKETS", _s3_buckets),
     "max_batch_size": ("SERVE_MAX_BATCH_SIZE", _int(1, 256)),
     "max_wait_ms": ("SERVE_MAX_WAIT_MS", _float(0, strict=False)),
     "max_queue": ("SERVE_MAX_QUEUE", _int(1)),

@@ -45,12 +45,13 @@ class ImagePolicy:
     fetch_timeout_s: float = 10.0
     max_redirects: int = 3
     allow_networks: tuple = ()  # ipaddress networks exempt from the public-address rule
+    s3_buckets: tuple[str, ...] | None = None  # buckets s3:// images may come from; None: any the role can read
 
     @classmethod
     def from_config(cls, cfg: Any) -> ImagePolicy:
         return cls(max_bytes=cfg.max_image_bytes, max_pixels=cfg.max_image_pixels,
                    fetch_timeout_s=cfg.fetch_timeout_s, max_redirects=cfg.fetch_max_redirects,
-                   allow_networks=tuple(cfg.fetch_allow_networks))
+                   allow_networks=tuple(cfg.fetch_allow_networks), s3_buckets=cfg.s3_buckets)
 
 
 def load_image(ref: str, policy: ImagePolicy, *, deadline: float | None = None, shrink_for: Any = None):
@@ -312,6 +313,10 @@ def fetch_s3(uri: str, policy: ImagePolicy, *, deadline: float | None = None) ->
     bucket, key = parts.netloc, parts.path.lstrip("/")
     if not bucket or not key:
         raise ApiError("url_not_allowed", "an S3 image must be s3://bucket/key")
+    if policy.s3_buckets is not None and bucket not in policy.s3_buckets:
+        # Checked before any AWS call: the endpoint's role may read far more than callers should see through it.
+        raise ApiError("url_not_allowed", f"s3://{bucket}/ is not a bucket this endpoint reads images from"
+                                          if policy.s3_buckets else "this endpoint reads no s3:// images")
     _timeout(policy, deadline)  # refuse at once when the budget is already spent
     client = _s3_client(policy.fetch_timeout_s)
     try:

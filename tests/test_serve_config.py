@@ -27,6 +27,7 @@ def test_defaults_follow_the_sagemaker_contract():
     assert cfg.request_timeout_s < 60  # SageMaker's invocation limit
     assert cfg.graceful_timeout_s < 30  # SIGKILL follows SIGTERM after 30 s
     assert cfg.fetch_allow_networks == ()
+    assert cfg.s3_buckets is None  # any bucket the execution role can read (docs/serving.md says to scope it)
 
 
 def test_every_variable_is_read():
@@ -37,7 +38,7 @@ def test_every_variable_is_read():
            "SERVE_FETCH_ALLOW_NETWORKS": "127.0.0.0/8, 10.1.2.3", "SERVE_MAX_BATCH_SIZE": "4",
            "SERVE_MAX_WAIT_MS": "0", "SERVE_MAX_QUEUE": "3", "SERVE_MAX_INSTANCES": "2",
            "SERVE_GRACEFUL_TIMEOUT_S": "7", "SERVE_TORCH_THREADS": "1", "SERVE_LOG_LEVEL": "debug",
-           "SERVE_PREPARE_THREADS": "3",
+           "SERVE_PREPARE_THREADS": "3", "SERVE_S3_BUCKETS": "serve-images, my.other-bucket",
            "SERVE_ACCEL": "off", "SERVE_ACCEL_BATCH_BUCKETS": "8, 1,4", "SERVE_ACCEL_CACHE_BUCKET": "128",
            "SERVE_ACCEL_CACHE_GIB": "2.5"}
     assert set(env) == {var for var, _ in ENV_VARS.values()}
@@ -51,6 +52,7 @@ def test_every_variable_is_read():
     assert (cfg.max_batch_size, cfg.max_wait_ms, cfg.max_queue, cfg.max_instances) == (4, 0.0, 3, 2)
     assert (cfg.graceful_timeout_s, cfg.torch_threads, cfg.log_level, cfg.prepare_threads) == (7.0, 1, "DEBUG", 3)
     assert "fetch_allow_networks=127.0.0.0/8,10.1.2.3/32" in cfg.summary()
+    assert cfg.s3_buckets == ("serve-images", "my.other-bucket")
     accel = cfg.accel_config()
     assert (accel.mode, accel.batch_buckets, accel.cache_bucket, accel.cache_gib) == ("off", (1, 4, 8), 128, 2.5)
     assert ServeConfig.from_env({}).accel_config() == AccelConfig()
@@ -61,7 +63,7 @@ def test_every_bad_value_is_reported_at_once_naming_its_variable():
            "SERVE_REQUEST_TIMEOUT_S": "nan", "SERVE_FETCH_ALLOW_NETWORKS": "10.0.0.0/8,not-a-net",
            "SERVE_DEVICE": "tpu", "SERVE_LOG_LEVEL": "loud", "SERVE_MAX_WAIT_MS": "-1", "SERVE_ACCEL": "fast",
            "SERVE_ACCEL_BATCH_BUCKETS": "1,x", "SERVE_ACCEL_CACHE_BUCKET": "0", "SERVE_ACCEL_CACHE_GIB": "inf",
-           "SERVE_PREPARE_THREADS": "-1"}
+           "SERVE_PREPARE_THREADS": "-1", "SERVE_S3_BUCKETS": "ok-bucket,Not_A_Bucket"}
     with pytest.raises(ConfigError) as info:
         ServeConfig.from_env(env)
     problems = info.value.problems
@@ -70,6 +72,13 @@ def test_every_bad_value_is_reported_at_once_naming_its_variable():
         assert any(p.startswith(var + "=") for p in problems), var
     assert "must be one of auto, nf4, bf16, fp16, none" in str(info.value)
     assert "not-a-net" in str(info.value)
+    assert "not S3 bucket names: Not_A_Bucket" in str(info.value)
+
+
+@pytest.mark.parametrize("raw, expected", [("*", None), ("none", ()), ("NONE", ()), ("one-bucket", ("one-bucket",)),
+                                           (" a-bucket , b.bucket ,", ("a-bucket", "b.bucket"))])
+def test_s3_buckets_any_none_or_a_list(raw, expected):
+    assert ServeConfig.from_env({"SERVE_S3_BUCKETS": raw}).s3_buckets == expected
 
 
 def test_sagemaker_batch_transform_payload_limit_is_honoured_unless_ours_is_set():

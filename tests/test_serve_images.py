@@ -280,3 +280,21 @@ def test_s3_failures(s3_bucket):
     assert code_of(load_image, f"s3://{s3_bucket}/charts/missing.png", ImagePolicy()) == "image_fetch_failed"
     assert code_of(load_image, "s3://no-such-bucket/a.png", ImagePolicy()) == "image_fetch_failed"
     assert code_of(load_image, f"s3://{s3_bucket}/big.bin", ImagePolicy(max_bytes=4096)) == "image_too_large"
+
+
+def test_s3_reads_only_the_allowed_buckets(s3_bucket, moto_server):
+    """SERVE_S3_BUCKETS: a readable bucket outside the list is refused before any AWS call."""
+    import boto3
+
+    boto3.client("s3", endpoint_url=moto_server).create_bucket(Bucket="private-data")
+    boto3.client("s3", endpoint_url=moto_server).put_object(Bucket="private-data", Key="secret.png",
+                                                             Body=png_bytes((8, 8)))
+    only_ours = ImagePolicy(s3_buckets=(s3_bucket, "another-bucket"))
+    assert load_image(f"s3://{s3_bucket}/charts/a.png", only_ours).size == (30, 20)
+    assert load_image("s3://private-data/secret.png", ImagePolicy()).size == (8, 8)  # the role could read it
+    with pytest.raises(ApiError) as e:
+        load_image("s3://private-data/secret.png", only_ours)
+    assert e.value.code == "url_not_allowed" and "s3://private-data/ is not a bucket" in e.value.message
+    with pytest.raises(ApiError) as e:
+        load_image(f"s3://{s3_bucket}/charts/a.png", ImagePolicy(s3_buckets=()))
+    assert e.value.code == "url_not_allowed" and "no s3:// images" in e.value.message
