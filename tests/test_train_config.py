@@ -251,3 +251,36 @@ def test_unknown_lr_scheduler_is_a_config_error_and_the_list_matches_transformer
         resolve_config(required(files) + ["--lr_scheduler_type", "bogus"], no_sagemaker)
     assert resolve_config(required(files) + ["--lr_scheduler_type", "linear"], no_sagemaker).config \
         .lr_scheduler_type == "linear"
+
+
+@pytest.mark.parametrize("flags, problem", [
+    (["--lr_scheduler_type", "reduce_lr_on_plateau"], "lowers the learning rate from the validation loss: it needs "
+                                                      "--evaluation_strategy"),
+    (["--lr_scheduler_type", "greedy"], "greedy lowers the learning rate from the validation loss"),
+    (["--lr_scheduler_type", "warmup_stable_decay"], "missing 1 required positional argument: 'num_decay_steps'; "
+                                                     "e.g. --lr_scheduler_kwargs '{\"num_decay_steps\": 100}'"),
+    (["--lr_scheduler_type", "cosine_with_min_lr"], "min_lr or min_lr_rate should be set"),
+    (["--lr_scheduler_type", "cosine_warmup_with_min_lr", "--lr_scheduler_kwargs", '{"min_lr_ratee": 0.1}'],
+     "unexpected keyword argument 'min_lr_ratee'"),
+    (["--lr_scheduler_kwargs", '{"bogus": 1}'], "lr_scheduler_type cosine with lr_scheduler_kwargs {\"bogus\": 1}"),
+    (["--lr_scheduler_kwargs", "{min_lr: 1}"], "lr_scheduler_kwargs (from command line): not valid JSON"),
+    (["--lr_scheduler_kwargs", "[1, 2]"], "expected a JSON object"),
+])
+def test_scheduler_settings_transformers_would_refuse_mid_run_are_config_errors(no_sagemaker, files, flags, problem):
+    """Each of these passed validation once and then failed with exit 1 after the model was loaded."""
+    with pytest.raises(ConfigError) as e:
+        resolve_config(required(files) + flags, no_sagemaker)
+    assert problem in str(e.value)
+
+
+def test_scheduler_arguments_from_every_source(tmp_path, files):
+    cli = required(files) + ["--lr_scheduler_type", "cosine_with_min_lr", "--lr_scheduler_kwargs",
+                             '{"min_lr_rate": 0.1}']
+    assert resolve_config(cli, SageMakerPaths(tmp_path / "none")).config.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
+    paths = write_hyperparameters(tmp_path / "ml", {"lr_scheduler_type": "warmup_stable_decay",
+                                                    "lr_scheduler_kwargs": '{"num_decay_steps": 10}'})
+    assert resolve_config(required(files), paths).config.lr_scheduler_kwargs == {"num_decay_steps": 10}
+    config = tmp_path / "c.yaml"
+    config.write_text("lr_scheduler_type: polynomial\nlr_scheduler_kwargs:\n  power: 2.0\n")
+    resolved = resolve_config(required(files) + ["--config", str(config)], SageMakerPaths(tmp_path / "none"))
+    assert resolved.config.lr_scheduler_kwargs == {"power": 2.0}

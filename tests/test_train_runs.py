@@ -265,6 +265,30 @@ def test_sigterm_before_training_unwinds_at_once(tmp_path, dataset, tiny_artifac
     assert (base / "output" / "failure").read_text().startswith("Stopped by SIGTERM before finishing; a new run")
 
 
+@pytest.mark.parametrize("flags", [
+    ["--lr_scheduler_type", "reduce_lr_on_plateau", "--evaluation_strategy", "steps", "--eval_steps", "1"],
+    ["--lr_scheduler_type", "warmup_stable_decay", "--lr_scheduler_kwargs", '{"num_decay_steps": 2}'],
+    ["--lr_scheduler_type", "cosine_with_min_lr", "--lr_scheduler_kwargs", '{"min_lr_rate": 0.5}',
+     "--warmup_ratio", "0"],
+], ids=["plateau", "wsd", "min_lr"])
+def test_schedulers_that_need_evaluation_or_arguments_train(tmp_path, dataset, tiny_artifact, flags):
+    """These once passed the config checks and crashed after the model loaded; with what they need, they train."""
+    validation, _ = write_tiny_dataset(tmp_path / "val", n=4)
+    out = tmp_path / "out"
+    proc = run_train(["--model_name_or_path", tiny_artifact, "--data_path", dataset["data"], "--image_folder",
+                      dataset["images"], "--validation_data_path", str(validation), "--lora_enable", "True",
+                      "--output_dir", str(out), "--max_steps", "4", "--eval_generation", "False", *FAST_ARGS,
+                      *flags])
+    assert proc.returncode == 0, output_of(proc)[-4000:]
+    rates = [float(r) for r in re.findall(r"\[train\] step=\d+ .*learning_rate=(\S+)", proc.stdout)]
+    assert len(rates) == 4 and max(rates) > 0
+    if "cosine_with_min_lr" in flags:
+        assert min(rates) >= 0.5 * max(rates) * 0.999  # the floor it was given
+    if "reduce_lr_on_plateau" in flags:
+        assert "[eval]" in proc.stdout
+    assert (out / "model.safetensors").is_file()
+
+
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_deepspeed_two_cpu_processes_train_on_different_data(zero, tmp_path, dataset, tiny_artifact):
     out = tmp_path / "out"

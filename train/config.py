@@ -28,6 +28,11 @@ STRATEGIES = ("no", "steps", "epoch")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
                  "warmup_stable_decay", "greedy")
+METRIC_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")  # they step on the validation loss
+# Schedulers transformers cannot build without their own arguments (--lr_scheduler_kwargs), with an example.
+SCHEDULER_KWARGS_NEEDED = {"cosine_with_min_lr": '{"min_lr_rate": 0.1}',
+                           "cosine_warmup_with_min_lr": '{"min_lr_rate": 0.1}',
+                           "warmup_stable_decay": '{"num_decay_steps": 100}'}
 DEEPSPEED_PRESETS = ("zero2", "zero3", "zero3_offload")
 ALIASES = {"eval_strategy": "evaluation_strategy"}  # transformers' current name for the blog's flag
 SAGEMAKER_RESERVED_PREFIX = "sagemaker_"  # keys the SageMaker SDK adds to hyperparameters.json
@@ -75,6 +80,9 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay (not on biases and norms)")
     warmup_ratio: float = _f(0.03, "fraction of the steps spent warming up")
     lr_scheduler_type: str = _f("cosine", "transformers scheduler name: cosine, linear, constant, ...")
+    lr_scheduler_kwargs: dict | None = _f(None, "the scheduler's own arguments as a JSON object, e.g. "
+                                                "'{\"min_lr_rate\": 0.1}' for cosine_with_min_lr or "
+                                                "'{\"num_decay_steps\": 100}' for warmup_stable_decay")
     max_grad_norm: float = _f(1.0, "gradient clipping")
     bf16: bool = _f(False, "bfloat16 mixed precision (Ampere or newer)")
     fp16: bool = _f(False, "float16 mixed precision (older GPUs)")
@@ -142,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(*flags, dest=name, nargs="?", const="true", metavar="BOOL", help=f.metadata["help"]
                                 + default)
         else:
-            parser.add_argument(*flags, dest=name, metavar=_base_type(name).__name__.upper(),
-                                help=f.metadata["help"] + default)
+            metavar = "JSON" if _base_type(name) is dict else _base_type(name).__name__.upper()
+            parser.add_argument(*flags, dest=name, metavar=metavar, help=f.metadata["help"] + default)
     return parser
 
 
@@ -220,9 +228,23 @@ def coerce(name: str, raw: Any) -> Any:
             return float(raw)
         except ValueError:
             raise ValueError(f"expected a number, got {raw!r}") from None
+    if kind is dict:
+        return _json_object(raw)
     if isinstance(raw, (dict, list)):
         raise ValueError(f"expected a string, got {type(raw).__name__}")
     return str(raw)
+
+
+def _json_object(raw: Any) -> dict[str, Any]:
+    """A mapping from YAML, or a JSON object from the command line or hyperparameters.json (all strings there)."""
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"not valid JSON ({e.msg} at character {e.pos})") from None
+    if not isinstance(raw, dict) or not all(isinstance(k, str) for k in raw):
+        raise ValueError(f"expected a JSON object like {{\"name\": value}}, got {raw!r}")
+    return dict(raw)
 
 
 def _base_type(name: str) -> type:
@@ -350,8 +372,7 @@ def validate(cfg: TrainConfig) -> list[str]:
     for name in ("evaluation_strategy", "save_strategy"):
         if getattr(cfg, name) not in STRATEGIES:
             p.append(f"{name} must be one of {', '.join(STRATEGIES)}, got {getattr(cfg, name)!r}")
-    if cfg.lr_scheduler_type not in LR_SCHEDULERS:
-        p.append(f"lr_scheduler_type must be one of {', '.join(LR_SCHEDULERS)}, got {cfg.lr_scheduler_type!r}")
+    p += _scheduler_problems(cfg)
     if cfg.evaluation_strategy != "no" and cfg.validation_data_path is None:
         p.append(f"--evaluation_strategy {cfg.evaluation_strategy} needs --validation_data_path")
     for name in ("lora_r", "lora_alpha", "per_device_train_batch_size", "per_device_eval_batch_size",
@@ -372,6 +393,31 @@ def validate(cfg: TrainConfig) -> list[str]:
         p.append(f"merge_dtype must be auto, bfloat16, float16 or float32, got {cfg.merge_dtype!r}")
     p += _deepspeed_problems(cfg)
     return p
+
+
+def _scheduler_problems(cfg: TrainConfig) -> list[str]:
+    """Scheduler settings that transformers would only refuse once the model is loaded and training starts."""
+    name, kwargs = cfg.lr_scheduler_type, cfg.lr_scheduler_kwargs or {}
+    if name not in LR_SCHEDULERS:
+        return [f"lr_scheduler_type must be one of {', '.join(LR_SCHEDULERS)}, got {name!r}"]
+    if name in METRIC_SCHEDULERS and cfg.evaluation_strategy == "no":
+        return [f"lr_scheduler_type {name} lowers the learning rate from the validation loss: it needs "
+                "--evaluation_strategy steps (or epoch) and --validation_data_path"]
+    if not kwargs and name not in SCHEDULER_KWARGS_NEEDED:
+        return []
+    # Build the scheduler once on a dummy optimizer: transformers itself says which arguments are missing or wrong.
+    import torch
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    try:
+        get_scheduler(name, optimizer, num_warmup_steps=0, scheduler_specific_kwargs=kwargs,
+                      num_training_steps=cfg.max_steps if cfg.max_steps > 0 else 10**6)
+    except (TypeError, ValueError, KeyError) as e:
+        example = SCHEDULER_KWARGS_NEEDED.get(name)
+        hint = f"; e.g. --lr_scheduler_kwargs '{example}'" if example else ""
+        return [f"lr_scheduler_type {name} with lr_scheduler_kwargs {json.dumps(kwargs)}: {e}{hint}"]
+    return []
 
 
 def _deepspeed_problems(cfg: TrainConfig) -> list[str]:

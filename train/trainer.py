@@ -183,6 +183,7 @@ def training_arguments(cfg: TrainConfig, *, use_cpu: bool, tf32: bool | None) ->
         weight_decay=cfg.weight_decay,
         warmup_steps=cfg.warmup_ratio,  # a float below 1 is a ratio of the total steps
         lr_scheduler_type=cfg.lr_scheduler_type,
+        lr_scheduler_kwargs=cfg.lr_scheduler_kwargs or {},
         max_grad_norm=cfg.max_grad_norm,
         bf16=cfg.bf16,
         fp16=cfg.fp16,
