@@ -312,6 +312,30 @@ def test_deepspeed_two_cpu_processes_train_on_different_data(zero, tmp_path, dat
     assert (out / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("zero, lora", [("zero2", "True"), ("zero3", "False")], ids=["zero2-lora", "zero3-full"])
+def test_deepspeed_rerun_after_the_last_step_exports_without_training_more(zero, lora, tmp_path, dataset,
+                                                                           tiny_artifact):
+    """3 steps of 2 per epoch end mid-epoch, where the Trainer's own resume would train a 4th step: the rerun
+    exports the final checkpoint's model files instead, the same merged weights as the first run."""
+    out = tmp_path / "out"
+    argv = ["--model_name_or_path", tiny_artifact, "--data_path", dataset["data"], "--image_folder",
+            dataset["images"], "--lora_enable", lora, "--output_dir", str(out), "--max_steps", "3", "--save_steps",
+            "3", "--deepspeed", zero, "--eval_generation", "False", *FAST_ARGS]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+    first = run_train(argv, launcher=launcher, OMP_NUM_THREADS="1")
+    assert first.returncode == 0, output_of(first)[-4000:]
+    merged = load_weights(out / "model.safetensors")
+    again = run_train(argv, launcher=launcher, OMP_NUM_THREADS="1")
+    assert again.returncode == 0, output_of(again)[-4000:]
+    assert "already reached the end of training" in again.stdout
+    assert "[train] step=" not in again.stdout
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
+    import torch
+
+    rerun = load_weights(out / "model.safetensors")
+    assert merged.keys() == rerun.keys() and all(torch.equal(merged[k], rerun[k]) for k in merged)
+
+
 def test_qlora_4bit_trains_and_merges_into_an_unquantised_base(tmp_path, dataset, tiny_artifact, monkeypatch,
                                                                caplog):
     """bitsandbytes' 4-bit layers also run on CPU (tiny dims are multiples of 64), so QLoRA is tested here too."""

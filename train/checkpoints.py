@@ -18,6 +18,9 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
+# What the Trainer and DeepSpeed keep only to resume; every other file of a checkpoint is what save_model wrote.
+RESUME_STATE_FILES = re.compile(r"^(optimizer\.pt|scheduler\.pt|scaler\.pt|trainer_state\.json|rng_state.*\.pth|latest"
+                                r"|zero_to_.*\.py)$")
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json",
                 "adapter_model.bin", "pytorch_model.bin")
 
@@ -83,3 +86,14 @@ def resume_conflicts(config: dict, checkpoint: Path) -> list[str]:
     return [f"{checkpoint.name} was trained with {key}={saved[key]!r}, this run asks for {key}={config[key]!r}"
             for key in SHAPE_SETTINGS if key in saved and saved[key] != config.get(key)]
 
+
+
+def copy_model_files(checkpoint: Path, dest: Path) -> None:
+    """The model as the Trainer saved it in `checkpoint` (weights, configs, processor files) into `dest`, without
+    the optimizer, scheduler, RNG or DeepSpeed engine state."""
+    import shutil
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for item in sorted(checkpoint.iterdir()):
+        if item.is_file() and not RESUME_STATE_FILES.match(item.name):
+            shutil.copy2(item, dest / item.name)

@@ -28,6 +28,11 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     val_examples = load_examples(cfg.validation_data_path, cfg.image_folder) if cfg.validation_data_path else []
     check_model(cfg)
     resume = find_resume(cfg)  # before any weights load: a checkpoint this config cannot resume is refused now
+    if resume is not None and training_finished(cfg, resume):
+        # A job restarted after its last step (e.g. a spot interruption during the export): Trainer.train would run
+        # past the end (a step more, at the end of a partial epoch), so export the final checkpoint as it is.
+        log.info("%s already reached the end of training: exporting it without training further", resume)
+        return export_finished(cfg, resume, val_examples)
     runtime = prepare_runtime(cfg)
     from train.trainer import training_arguments
 
@@ -37,15 +42,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         init_deepspeed_comm(args, cuda=runtime["cuda"])
     processor = load_training_processor(cfg)
     trainer = make_trainer(cfg, args, processor, examples, val_examples)
-    if resume is not None and not cfg.deepspeed and training_finished(cfg, resume):
-        # A job restarted after its last step (e.g. a spot interruption during the export): Trainer.train would
-        # run one step past the end, so load the final weights and state and export again instead.
-        log.info("%s already reached the end of training: exporting it without training further", resume)
-        restore_finished(trainer, resume)
-    else:
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        trainer.stop_on_signal.raise_if_stopped(cfg.checkpoint_dir)  # SIGTERM: checkpoint saved, no export
-    final_dir = save_final(cfg, trainer)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    trainer.stop_on_signal.raise_if_stopped(cfg.checkpoint_dir)  # SIGTERM: checkpoint saved, no export
+    final = save_final(cfg, trainer)
     history = list(trainer.state.log_history)
     if not trainer.is_world_process_zero():
         return {}
@@ -53,7 +52,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     del trainer
     from train.export import export
 
-    return export(cfg, final_dir, processor, history, val_examples, resumed_from=resume)
+    return export(cfg, final, processor, history, val_examples, resumed_from=resume)
 
 
 def check_model(cfg: TrainConfig) -> None:
@@ -156,21 +155,32 @@ def training_finished(cfg: TrainConfig, checkpoint: Path) -> bool:
     return state.get("epoch", 0) >= cfg.num_train_epochs and state["global_step"] >= state.get("max_steps", 0)
 
 
-def restore_finished(trainer: Any, checkpoint: Path) -> None:
-    """The final checkpoint's weights and trainer state (its log history feeds the report's loss curve)."""
-    from transformers.trainer_callback import TrainerState
+def export_finished(cfg: TrainConfig, checkpoint: Path, val_examples: list) -> dict[str, Any]:
+    """Rank 0 exports the final checkpoint's model files (what save_final wrote at the last step) with its loss
+    history; no model is loaded for training, no process group is needed, other ranks have nothing to do."""
+    from train.artifact import write_training_config
+    from train.checkpoints import copy_model_files, read_state
+    from train.export import export
+    from train.launch import process_rank
 
-    from train.checkpoints import STATE_FILE
+    if process_rank() != 0:
+        return {}
+    final = final_dir(cfg)
+    copy_model_files(checkpoint, final)
+    write_training_config(final, cfg.to_dict())
+    history = list(read_state(checkpoint).get("log_history", []))
+    return export(cfg, final, load_training_processor(cfg), history, val_examples, resumed_from=checkpoint)
 
-    trainer._load_from_checkpoint(str(checkpoint))
-    trainer.state = TrainerState.load_from_json(str(checkpoint / STATE_FILE))
+
+def final_dir(cfg: TrainConfig) -> Path:
+    return Path(cfg.output_dir) / (ADAPTER_DIR if cfg.lora_enable else FULL_WEIGHTS_DIR)
 
 
 def save_final(cfg: TrainConfig, trainer: Any) -> Path:
     """Every rank takes part (ZeRO-3 gathers the weights); rank 0 writes."""
     from train.artifact import write_training_config
 
-    final = Path(cfg.output_dir) / (ADAPTER_DIR if cfg.lora_enable else FULL_WEIGHTS_DIR)
+    final = final_dir(cfg)
     trainer.save_model(str(final))
     if trainer.is_world_process_zero() and final.is_dir():
         write_training_config(final, cfg.to_dict())  # lets `python -m train.merge --adapter` find the base
