@@ -119,17 +119,21 @@ def test_a_rerun_after_the_last_step_exports_without_training_more(tmp_path, dat
     """A spot job restarted after training ended (say, during the merge) finds its final checkpoint: it must export
     again from it, not train past --max_steps."""
     out = tmp_path / "out"
-    argv = lora_run_args(tiny_artifact, dataset, out, max_steps=2)
-    first = run_train(argv)
+    rerun_exports_the_same_weights(lora_run_args(tiny_artifact, dataset, out, max_steps=2), out, last_step=2)
+
+
+def rerun_exports_the_same_weights(argv: list[str], out: Path, *, last_step: int, **launch) -> None:
+    """Train, then run the same command again: the rerun must train nothing and export the same merged weights."""
+    import torch
+
+    first = run_train(argv, **launch)
     assert first.returncode == 0, output_of(first)[-4000:]
     merged = load_weights(out / "model.safetensors")
-    again = run_train(argv)
+    again = run_train(argv, **launch)
     assert again.returncode == 0, output_of(again)[-4000:]
     assert "already reached the end of training" in again.stdout
     assert "[train] step=" not in again.stdout
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
-    import torch
-
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{last_step}"]
     rerun = load_weights(out / "model.safetensors")
     assert merged.keys() == rerun.keys() and all(torch.equal(merged[k], rerun[k]) for k in merged)
 
@@ -321,19 +325,8 @@ def test_deepspeed_rerun_after_the_last_step_exports_without_training_more(zero,
     argv = ["--model_name_or_path", tiny_artifact, "--data_path", dataset["data"], "--image_folder",
             dataset["images"], "--lora_enable", lora, "--output_dir", str(out), "--max_steps", "3", "--save_steps",
             "3", "--deepspeed", zero, "--eval_generation", "False", *FAST_ARGS]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
-    first = run_train(argv, launcher=launcher, OMP_NUM_THREADS="1")
-    assert first.returncode == 0, output_of(first)[-4000:]
-    merged = load_weights(out / "model.safetensors")
-    again = run_train(argv, launcher=launcher, OMP_NUM_THREADS="1")
-    assert again.returncode == 0, output_of(again)[-4000:]
-    assert "already reached the end of training" in again.stdout
-    assert "[train] step=" not in again.stdout
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
-    import torch
-
-    rerun = load_weights(out / "model.safetensors")
-    assert merged.keys() == rerun.keys() and all(torch.equal(merged[k], rerun[k]) for k in merged)
+    rerun_exports_the_same_weights(argv, out, last_step=3, OMP_NUM_THREADS="1", launcher=[
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"])
 
 
 def test_qlora_4bit_trains_and_merges_into_an_unquantised_base(tmp_path, dataset, tiny_artifact, monkeypatch,
