@@ -179,6 +179,19 @@ def test_failure_file_is_one_paragraph_within_the_limit(tmp_path):
     assert "\n" not in text and len(text) == 1024 and text.startswith("first line second")
 
 
+
+def test_the_first_failure_reason_stays(tmp_path):
+    """One rank's error, then torchrun's SIGTERM to the others: SageMaker must show the error."""
+    paths = SageMakerPaths(tmp_path)
+    paths.write_failure("rank 1: Training failed (RuntimeError): CUDA error: an illegal memory access")
+    paths.write_failure("Stopped by SIGTERM before finishing; a new run resumes from the newest checkpoint")
+    assert paths.failure_file.read_text().startswith("rank 1: Training failed (RuntimeError)")
+
+    paths.clear_failure()  # what a new job does first, before any rank starts
+    paths.write_failure("Invalid input: --lora_r must be positive")
+    assert paths.failure_file.read_text() == "Invalid input: --lora_r must be positive"
+
+
 def test_torchrun_plans():
     two_hosts = ResourceConfig("algo-2", ["algo-1", "algo-2"], "eth1")
     cmd = torchrun_command(["--lora_enable", "True"], gpus=4, resource=two_hosts, env={})

@@ -93,9 +93,12 @@ def test_config_and_model_flag_errors_write_the_failure_file(argv, expected, tmp
     from train.__main__ import main
 
     monkeypatch.setenv("SM_BASE_DIR", str(tmp_path / "ml"))
+    stale = tmp_path / "ml" / "output" / "failure"  # an earlier run's reason in a reused local tree
+    stale.parent.mkdir(parents=True)
+    stale.write_text("Training failed (OSError): an earlier run's disk was full")
     assert main(["--model_name_or_path", tiny_artifact, "--data_path", dataset["data"], "--image_folder",
                  dataset["images"], "--output_dir", str(tmp_path / "out"), *argv]) == 2
-    assert expected in (tmp_path / "ml" / "output" / "failure").read_text()
+    assert expected in stale.read_text() and "earlier run" not in stale.read_text()
 
 
 def test_a_crash_is_reported_as_our_failure_with_a_traceback(tmp_path, monkeypatch, dataset, tiny_artifact, caplog):

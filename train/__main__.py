@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from train.config import ConfigError, describe, resolve_config
 from train.data import DataError
-from train.launch import process_rank, relaunch_if_needed
+from train.launch import already_launched, process_rank, relaunch_if_needed
 from train.logs import setup_logging
 from train.merge import MergeError
 from train.modeling import ModelConfigError
@@ -38,6 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rank = process_rank()
     setup_logging(rank)
     install_stop_handler()
+    if not already_launched(os.environ):  # the first process of the job; torchrun's ranks come later
+        paths.clear_failure()
     try:
         resolved = resolve_config(argv, paths)
         if rank == 0:

@@ -114,13 +114,24 @@ class SageMakerPaths:
             raise SageMakerConfigError(f"{self.resource_config_file} is malformed: {e}") from e
         return ResourceConfig(current, hosts, raw.get("network_interface_name"))
 
+    def clear_failure(self) -> None:
+        """Remove a failure file left by an earlier run in the same tree (a local /opt/ml reused), so this run's
+        first reason is the one written."""
+        self.failure_file.unlink(missing_ok=True)
+
     def write_failure(self, reason: str) -> Path:
-        """Write the FailureReason SageMaker shows (one paragraph, at most 1024 characters)."""
+        """Write the FailureReason SageMaker shows (one paragraph, at most 1024 characters). The first reason
+        written stays: when one rank fails, torchrun stops the others, and their "Stopped by SIGTERM" must not
+        replace the cause."""
         text = " ".join(reason.split())
         if len(text) > FAILURE_REASON_LIMIT:
             text = text[: FAILURE_REASON_LIMIT - 3] + "..."
         self.failure_file.parent.mkdir(parents=True, exist_ok=True)
-        self.failure_file.write_text(text)
+        try:
+            with open(self.failure_file, "x") as f:
+                f.write(text)
+        except FileExistsError:
+            pass
         return self.failure_file
 
 
