@@ -297,3 +297,24 @@ def test_scheduler_arguments_from_every_source(tmp_path, files):
     config.write_text("lr_scheduler_type: polynomial\nlr_scheduler_kwargs:\n  power: 2.0\n")
     resolved = resolve_config(required(files) + ["--config", str(config)], SageMakerPaths(tmp_path / "none"))
     assert resolved.config.lr_scheduler_kwargs == {"power": 2.0}
+
+
+def test_numbers_the_trainer_would_crash_on_or_silently_misread_are_refused(no_sagemaker, files):
+    """A negative seed or worker count crashed after the model loaded; a negative eval_max_samples dropped the last
+    example, save_total_limit 0 kept every checkpoint, a negative weight decay grew the weights."""
+    with pytest.raises(ConfigError) as err:
+        resolve_config(required(files) + ["--seed", "-1", "--dataloader_num_workers", "-1", "--eval_max_samples",
+                                          "-1", "--save_total_limit", "0", "--eval_steps", "0", "--weight_decay",
+                                          "-0.1", "--max_grad_norm", "-1"], no_sagemaker)
+    problems = "\n".join(err.value.problems)
+    for expected in ("seed must be in [0, 2**32), got -1", "dataloader_num_workers must be >= 0, got -1",
+                     "eval_max_samples must be >= 0, got -1",
+                     "save_total_limit must be at least 1 (None keeps every checkpoint), got 0",
+                     "eval_steps must be at least 1 (None: --logging_steps), got 0",
+                     "weight_decay must be >= 0, got -0.1", "max_grad_norm must be >= 0, got -1.0"):
+        assert expected in problems
+    with pytest.raises(ConfigError, match=r"seed must be in \[0, 2\*\*32\), got 4294967296"):
+        resolve_config(required(files) + ["--seed", str(2**32)], no_sagemaker)
+    ok = resolve_config(required(files) + ["--seed", "0", "--save_total_limit", "None", "--max_grad_norm", "0"],
+                        no_sagemaker).config
+    assert (ok.seed, ok.save_total_limit, ok.max_grad_norm) == (0, None, 0.0)

@@ -385,6 +385,14 @@ def validate(cfg: TrainConfig) -> list[str]:
             p.append(f"{name} must be positive, got {getattr(cfg, name)}")
     if cfg.max_steps <= 0 and cfg.num_train_epochs <= 0:
         p.append("set --num_train_epochs > 0 or --max_steps > 0")
+    for name in ("weight_decay", "max_grad_norm", "dataloader_num_workers", "eval_max_samples"):
+        if getattr(cfg, name) < 0:
+            p.append(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    for name, unset in (("save_total_limit", "None keeps every checkpoint"), ("eval_steps", "None: --logging_steps")):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            p.append(f"{name} must be at least 1 ({unset}), got {getattr(cfg, name)}")
+    if not 0 <= cfg.seed < 2**32:
+        p.append(f"seed must be in [0, 2**32), got {cfg.seed}")
     if not 0 <= cfg.warmup_ratio < 1:
         p.append(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
     if not 0 <= cfg.lora_dropout < 1:
