@@ -1,10 +1,12 @@
 """CPU benchmark of the whole server on a tiny model: sequential (max batch 1) vs dynamic batching, same sweep.
 
-    python -m bench.run_cpu [--model-dir DIR] [--concurrency 1,4,16,64] [--requests N] [--out DIR] [--tiny]
+    python -m bench.run_cpu [--model-dir DIR] [--concurrency 1,4,16,64] [--requests N] [--rounds N] [--out DIR]
+                            [--tiny]
 
 Builds a tiny `test` artifact (train.tiny) unless --model-dir is given, then starts `python -m serve` on a free
 loopback port twice -- SERVE_MAX_BATCH_SIZE=1, then SERVE_MAX_BATCH_SIZE=--batch-size -- runs bench.load's sweep
-against each, stops it, and reports both tables plus batched/sequential requests/s per level. Targets checked
+against each, stops it, and reports both tables plus batched/sequential requests/s per level. With --rounds N the
+two alternate N times and the comparison is the median per level (every round's speed-up is listed). Targets checked
 (issue 8): batched >= 4x sequential req/s at concurrency 16; /ping p99 <= 20 ms under that load.
 --tiny runs a seconds-long smoke version (levels 1,4; 8 requests; 2 new tokens) for the test suite.
 """
@@ -108,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64, help="SERVE_MAX_BATCH_SIZE of the batched server")
     parser.add_argument("--max-wait-ms", type=float, help="SERVE_MAX_WAIT_MS of the batched server (default: its own)")
     parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=1, help="alternate sequential and batched runs this many "
+                                                               "times; report the medians")
     parser.add_argument("--tiny", action="store_true", help="seconds-long smoke run (for tests)")
     parser.add_argument("--out", help="write cpu_sequential/cpu_batched/cpu_compare .json/.md here")
     args = parser.parse_args(argv)
@@ -115,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         levels = parse_levels("1,4" if args.tiny else args.concurrency)
     except ValueError as e:
         parser.error(str(e))
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     requests = 8 if args.tiny else args.requests
     max_new = 2 if args.tiny else args.max_new_tokens
     with tempfile.TemporaryDirectory(prefix="bench-cpu-") as tmp:
@@ -123,36 +129,62 @@ def main(argv: list[str] | None = None) -> int:
             from train.tiny import build_tiny_artifact
 
             model_dir = str(build_tiny_artifact(Path(tmp) / "tiny"))
-        results = {}
-        for name, batch in (("sequential", 1), ("batched", args.batch_size)):
-            log_path = Path(tmp) / f"server-{name}.log"
-            try:
-                with server(model_dir, batch_size=batch, torch_threads=args.torch_threads, log_path=log_path,
-                            max_wait_ms=args.max_wait_ms if batch > 1 else None) as (url, pid):
-                    results[name] = sweep(url, levels, requests=requests, max_new_tokens=max_new, images=4,
-                                          server_pid=pid)
-            except RuntimeError as e:
-                print(f"{e}\n--- server log ---\n{log_path.read_text(errors='replace')[-4000:]}", file=sys.stderr)
-                return 1
-    comparison = compare(results["sequential"], results["batched"])
-    verdict = targets(comparison)
-    md = "\n\n".join([
+        runs = []  # one {"sequential": rows, "batched": rows} per round
+        for _ in range(args.rounds):
+            results = {}
+            for name, batch in (("sequential", 1), ("batched", args.batch_size)):
+                log_path = Path(tmp) / f"server-{name}.log"
+                try:
+                    with server(model_dir, batch_size=batch, torch_threads=args.torch_threads, log_path=log_path,
+                                max_wait_ms=args.max_wait_ms if batch > 1 else None) as (url, pid):
+                        results[name] = sweep(url, levels, requests=requests, max_new_tokens=max_new, images=4,
+                                              server_pid=pid)
+                except RuntimeError as e:
+                    print(f"{e}\n--- server log ---\n{log_path.read_text(errors='replace')[-4000:]}",
+                          file=sys.stderr)
+                    return 1
+            runs.append(results)
+    comparisons = [compare(r["sequential"], r["batched"]) for r in runs]
+    summary = median_rounds(comparisons)
+    verdict = targets(summary)
+    results = runs[-1]
+    parts = [
         f"CPU, tiny model, max_new_tokens={max_new}, torch threads={args.torch_threads}",
-        "Sequential server (SERVE_MAX_BATCH_SIZE=1)\n\n" + markdown_table(results["sequential"], COLUMNS),
+        "Sequential server (SERVE_MAX_BATCH_SIZE=1)" + (", last round" if args.rounds > 1 else "") + "\n\n"
+        + markdown_table(results["sequential"], COLUMNS),
         f"Batched server (SERVE_MAX_BATCH_SIZE={args.batch_size}, SERVE_MAX_WAIT_MS="
-        f"{'default' if args.max_wait_ms is None else args.max_wait_ms})\n\n"
-        + markdown_table(results["batched"], COLUMNS),
-        "Batched vs sequential\n\n" + markdown_table(comparison, [
-            ("concurrency", "concurrency"), ("sequential_req_per_s", "sequential req/s"),
-            ("batched_req_per_s", "batched req/s"), ("speedup", "speed-up"),
-            ("batched_ping_p99_ms", "batched /ping p99 ms")]),
-        f"Targets: {verdict}"])
+        f"{'default' if args.max_wait_ms is None else args.max_wait_ms})"
+        + (", last round" if args.rounds > 1 else "") + "\n\n" + markdown_table(results["batched"], COLUMNS),
+        f"Batched vs sequential{f', median of {args.rounds} alternating rounds' if args.rounds > 1 else ''}\n\n"
+        + markdown_table(summary, SUMMARY_COLUMNS),
+        f"Targets: {verdict}"]
+    md = "\n\n".join(parts)
     write_report(args.out, "cpu_compare", {"machine": machine(), "max_new_tokens": max_new,
-                                           "batch_size": args.batch_size, "sequential": results["sequential"],
-                                           "batched": results["batched"], "comparison": comparison,
-                                           "targets": verdict}, md)
-    errors = sum(r["errors"] for rows in results.values() for r in rows)
+                                           "batch_size": args.batch_size, "rounds": runs,
+                                           "comparisons": comparisons, "summary": summary, "targets": verdict}, md)
+    errors = sum(r["errors"] for run in runs for rows in run.values() for r in rows)
     return 0 if errors == 0 else 1
+
+
+SUMMARY_COLUMNS = [("concurrency", "concurrency"), ("sequential_req_per_s", "sequential req/s"),
+                   ("batched_req_per_s", "batched req/s"), ("speedup", "speed-up"), ("speedups", "each round"),
+                   ("batched_ping_p99_ms", "batched /ping p99 ms")]
+
+
+def median_rounds(comparisons: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per concurrency level, the median of each number over the rounds, and every round's speed-up. Alternating
+    sequential and batched rounds on a shared machine spreads its slow spells over both servers."""
+    import statistics
+
+    rows = []
+    for level_rows in zip(*comparisons):
+        row: dict[str, Any] = {"concurrency": level_rows[0]["concurrency"]}
+        for key in ("sequential_req_per_s", "batched_req_per_s", "speedup", "sequential_ping_p99_ms",
+                    "batched_ping_p99_ms"):
+            row[key] = statistics.median(r[key] for r in level_rows)
+        row["speedups"] = " ".join(f"{r['speedup']:.1f}" for r in level_rows)
+        rows.append(row)
+    return rows
 
 
 if __name__ == "__main__":

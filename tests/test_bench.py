@@ -52,17 +52,23 @@ def test_load_counts_errors_from_a_dead_server():
 
 
 def test_run_cpu_sweeps_sequential_and_batched_servers(tiny_artifact, tmp_path):
-    assert run_cpu.main(["--tiny", "--model-dir", tiny_artifact, "--out", str(tmp_path)]) == 0
+    assert run_cpu.main(["--tiny", "--model-dir", tiny_artifact, "--rounds", "2", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "cpu_compare.json").read_text())
-    for name in ("sequential", "batched"):
-        levels = data[name]
-        assert [r["concurrency"] for r in levels] == [1, 4]
-        for r in levels:
-            assert r["ok"] == 8 and r["errors"] == 0 and r["req_per_s"] > 0
-            assert r["mean_completion_tokens"] <= 2 and r["latency_p99_ms"] >= r["latency_p50_ms"] > 0
-            assert r["ping_p50_ms"] > 0 and r["peak_rss_mib"] > 50  # the server process, sampled from /proc
-    assert [r["concurrency"] for r in data["comparison"]] == [1, 4] and data["comparison"][0]["speedup"] > 0
-    assert "Batched vs sequential" in (tmp_path / "cpu_compare.md").read_text()
+    assert len(data["rounds"]) == len(data["comparisons"]) == 2
+    for run in data["rounds"]:
+        for name in ("sequential", "batched"):
+            levels = run[name]
+            assert [r["concurrency"] for r in levels] == [1, 4]
+            for r in levels:
+                assert r["ok"] == 8 and r["errors"] == 0 and r["req_per_s"] > 0
+                assert r["mean_completion_tokens"] <= 2 and r["latency_p99_ms"] >= r["latency_p50_ms"] > 0
+                assert r["ping_p50_ms"] > 0 and r["peak_rss_mib"] > 50  # the server process, sampled from /proc
+    assert [r["concurrency"] for r in data["summary"]] == [1, 4]
+    for level, row in enumerate(data["summary"]):
+        speedups = sorted(c[level]["speedup"] for c in data["comparisons"])
+        assert row["speedup"] == pytest.approx(sum(speedups) / 2)  # the median of two rounds
+        assert row["speedups"].count(" ") == 1
+    assert "Batched vs sequential, median of 2 alternating rounds" in (tmp_path / "cpu_compare.md").read_text()
 
 
 def test_gpu_script_tiny_mode_runs_every_measurement(tmp_path):
@@ -102,3 +108,9 @@ def test_7b_config_has_llava15_shape():
 @pytest.mark.slow
 def test_gpu_script_7b_small_run(tmp_path):
     assert gpu.main(["--new-tokens", "8", "--requests", "4", "--repeats", "1", "--out", str(tmp_path)]) == 0
+
+
+def test_run_cpu_rejects_zero_rounds():
+    with pytest.raises(SystemExit) as e:
+        run_cpu.main(["--rounds", "0"])
+    assert e.value.code == 2
