@@ -64,9 +64,10 @@ class ServerState:
         self.load_error: BaseException | None = None
         # Image decode and Predictor.prepare hold the GIL for much of their time. On Starlette's 40-thread pool,
         # dozens of them at once take turns with the generation thread and the event loop, and /ping waits behind
-        # all of them (p99 38 ms at concurrency 16 on 2 cores, 10 ms with this pool; docs/benchmarks.md). One thread
-        # per core, less the core the generation thread keeps busy, does the same work as fast.
-        self.prepare_pool = ThreadPoolExecutor(cfg.prepare_threads or max(1, (os.cpu_count() or 2) - 1),
+        # all of them (p99 38 ms at concurrency 16 on 2 cores; docs/benchmarks.md). One thread per core, less the
+        # core the generation thread keeps busy, does the same work as fast; but at least 2: while a burst is
+        # prepared the generation thread waits for it (serve.batching), and Pillow's decoding releases the GIL.
+        self.prepare_pool = ThreadPoolExecutor(cfg.prepare_threads or default_prepare_threads(),
                                                thread_name_prefix="prepare")
 
     async def in_prepare_pool(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -237,6 +238,10 @@ async def read_body_capped(request: Request, limit: int) -> bytes:
     if over:
         raise ApiError("payload_too_large", message)
     return b"".join(chunks)
+
+
+def default_prepare_threads() -> int:
+    return max(2, (os.cpu_count() or 2) - 1)
 
 
 def freeze_startup_heap() -> None:

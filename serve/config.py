@@ -53,12 +53,12 @@ class ServeConfig:
     fetch_allow_networks: tuple[Network, ...] = ()  # private/loopback networks images may still be fetched from
     s3_buckets: tuple[str, ...] | None = None  # buckets s3:// images may come from; None: any the role can read
     max_batch_size: int = 8
-    max_wait_ms: float = 10.0
+    max_wait_ms: float = 50.0  # the longest a batch waits for requests still being read or prepared
     max_queue: int = 64
     max_instances: int = 16  # instances in one {"instances": [...]} request
     graceful_timeout_s: float = 25.0  # SageMaker sends SIGKILL 30 s after SIGTERM
     torch_threads: int = 0  # torch CPU threads; 0 keeps torch's default (1 is best on small shared CPU hosts)
-    prepare_threads: int = 0  # threads decoding images + preparing inputs; 0 = CPU cores - 1 (at least 1)
+    prepare_threads: int = 0  # threads decoding images + preparing inputs; 0 = CPU cores - 1 (at least 2)
     log_level: str = "INFO"
     # CUDA decode speed-ups (serve/accel.py): parsed here so a bad value stops start-up like any other variable
     # (defaults are AccelConfig's, so the server and library callers of serve.accel start from the same values)

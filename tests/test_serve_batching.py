@@ -1,7 +1,7 @@
 """Dynamic batching through a real uvicorn on 127.0.0.1 with the real tiny model.
 
 Concurrent greedy requests return exactly what each returns alone (and really were batched); a lone request does
-not wait for a batch to fill; mixed parameters
+not wait for a batch to fill, nor do queued ones when no other request is on its way; mixed parameters
 share a batch; a bad request in a batch fails alone; a full queue answers 503 `overloaded` at once; a request over
 its time budget answers 504 and the server goes on; /ping stays fast while long generations run.
 """
@@ -102,6 +102,25 @@ def test_a_lone_request_does_not_wait_for_a_batch_but_a_burst_still_shares_one(t
     assert lone.status_code == 200 and lone_s < 1.0  # not the 2 s batch window
     assert [r.status_code for r in burst] == [200] * 4
     assert max(recorder.batch_sizes) > 1  # the first of the burst waited for the others on their way
+
+
+def test_queued_requests_do_not_wait_out_the_window_when_no_other_is_on_its_way(tiny_loaded, tiny_artifact):
+    """Two requests queue behind a slow batch; when it ends nothing else is being read or prepared, so they start
+    at once, together, instead of waiting for the 3 s window."""
+    slow = SlowPredictor(Predictor(tiny_loaded), delay_s=0.5)
+    cfg = serve_config(tiny_artifact, max_batch_size=8, max_wait_ms=3000)
+    with running_server(create_app(cfg, predictor_factory=lambda: slow)) as base:
+        with ThreadPoolExecutor(3) as pool:
+            first = pool.submit(post, base, payload(0, max_new_tokens=2))
+            time.sleep(0.2)  # the first is generating (0.5 s) when the next two arrive
+            started = time.monotonic()
+            queued = [pool.submit(post, base, payload(i, max_new_tokens=2)) for i in (1, 2)]
+            replies = [f.result() for f in queued]
+            waited = time.monotonic() - started
+        assert first.result().status_code == 200
+    assert [r.status_code for r in replies] == [200, 200]
+    assert slow.batch_sizes == [1, 2]
+    assert waited < 2.0  # ~0.3 s for the first batch to end + 0.5 s for theirs, not 3 s of window
 
 
 class ThreadRecordingPredictor(RecordingPredictor):
