@@ -182,7 +182,11 @@ def ttft(loaded: Any, image_bytes: bytes, repeats: int, accel_config: Any) -> di
 
 
 async def _submit_all(batcher: Any, requests: list[Any]) -> list[Any]:
-    return await asyncio.gather(*(batcher.submit([r]) for r in requests))
+    """All at once, each announced first as the server announces a request it is reading (`Batcher.expect`): the
+    batcher then gathers the burst instead of starting on whichever request is queued first."""
+    for _ in requests:
+        batcher.expect()
+    return await asyncio.gather(*(batcher.submit([r], expected=True) for r in requests))
 
 
 def server_throughput(loaded: Any, image: Any, n_requests: int, new_tokens: int, accel_config: Any,
