@@ -176,6 +176,7 @@ def ttft(loaded: Any, image_bytes: bytes, repeats: int, accel_config: Any) -> di
                 parts[name].append(seconds * 1000)
         out[f"{prefix}ttft_p50_ms"] = statistics.median(parts["ttft"])
         out[f"{prefix}ttft_min_ms"] = min(parts["ttft"])
+        out[f"{prefix}ttft_samples_ms"] = parts  # every repeat: the H100 runs saw prefill vary 59-109 ms
         for name in ("decode", "prepare", "first_token"):
             out[f"{prefix}ttft_{name}_p50_ms"] = statistics.median(parts[name])
     return out

@@ -78,6 +78,8 @@ def test_gpu_script_tiny_mode_runs_every_measurement(tmp_path):
     assert data["accel_describe"].startswith("on ") and data["eager_describe"].startswith("off")
     assert data["ttft_p50_ms"] > 0 and data["eager_ttft_p50_ms"] > 0 and data["eager_end_to_end_tok_s"] > 0
     assert data["ttft_first_token_p50_ms"] > 0 and "errors" not in data
+    assert set(data["ttft_samples_ms"]) == {"ttft", "decode", "prepare", "first_token"}
+    assert min(data["ttft_samples_ms"]["ttft"]) == pytest.approx(data["ttft_min_ms"])
     assert [s["accel"] for s in data["server"]] == ["off", "on"]
     for s in data["server"]:
         assert s["sequential_errors"] == s["batched_errors"] == 0
