@@ -106,13 +106,13 @@ def test_a_lone_request_does_not_wait_for_a_batch_but_a_burst_still_shares_one(t
 
 def test_queued_requests_do_not_wait_out_the_window_when_no_other_is_on_its_way(tiny_loaded, tiny_artifact):
     """Two requests queue behind a slow batch; when it ends nothing else is being read or prepared, so they start
-    at once, together, instead of waiting for the 3 s window."""
-    slow = SlowPredictor(Predictor(tiny_loaded), delay_s=0.5)
-    cfg = serve_config(tiny_artifact, max_batch_size=8, max_wait_ms=3000)
+    at once, together, instead of waiting for the 6 s window."""
+    slow = SlowPredictor(Predictor(tiny_loaded), delay_s=1.0)
+    cfg = serve_config(tiny_artifact, max_batch_size=8, max_wait_ms=6000)
     with running_server(create_app(cfg, predictor_factory=lambda: slow)) as base:
         with ThreadPoolExecutor(3) as pool:
             first = pool.submit(post, base, payload(0, max_new_tokens=2))
-            time.sleep(0.2)  # the first is generating (0.5 s) when the next two arrive
+            time.sleep(0.2)  # the first is generating (1 s) when the next two arrive, with 0.8 s to be prepared
             started = time.monotonic()
             queued = [pool.submit(post, base, payload(i, max_new_tokens=2)) for i in (1, 2)]
             replies = [f.result() for f in queued]
@@ -120,7 +120,7 @@ def test_queued_requests_do_not_wait_out_the_window_when_no_other_is_on_its_way(
         assert first.result().status_code == 200
     assert [r.status_code for r in replies] == [200, 200]
     assert slow.batch_sizes == [1, 2]
-    assert waited < 2.0  # ~0.3 s for the first batch to end + 0.5 s for theirs, not 3 s of window
+    assert waited < 4.0  # ~0.8 s for the first batch to end + 1 s for theirs, not 6 s of window
 
 
 class ThreadRecordingPredictor(RecordingPredictor):
