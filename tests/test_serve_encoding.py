@@ -122,3 +122,18 @@ def test_concurrent_encoding_on_the_prepare_threads_is_exact(tiny_processor):
         for results in pool.map(encode_all, range(8)):
             for i, got in enumerate(results):
                 assert_same(got, expected[i % len(cases)])
+
+
+@pytest.mark.parametrize("version", ["llava_llama_2", "plain"])
+def test_every_training_chat_template_gets_the_exact_fast_path(tiny_processor, version):
+    import copy
+
+    from train.templates import chat_template
+
+    processor = copy.deepcopy(tiny_processor)
+    processor.chat_template = processor.tokenizer.chat_template = chat_template(version)
+    fast, reference = Encoder(processor), Encoder(processor, fast=False)
+    assert fast.fast
+    side = processor.image_processor.crop_size["height"]
+    for question in QUESTIONS[:3]:
+        assert_same(fast.encode(question, images(side)[0]), reference.encode(question, images(side)[0]))
