@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from train.checkpoints import find_resume_checkpoint
-from train.config import LR_SCHEDULERS, ConfigError, deepspeed_dir, deepspeed_stage, resolve_config
+from train.config import ConfigError, deepspeed_dir, deepspeed_stage, resolve_config
+from train.config_checks import LR_SCHEDULERS
 from train.launch import ensure_rendezvous_env, torchrun_command
 from train.logs import METRIC_DEFINITIONS
 from train.sagemaker_env import ResourceConfig, SageMakerConfigError, SageMakerPaths
