@@ -150,20 +150,16 @@ class _FastPath:
 
 
 def _output_size(image_processor: Any) -> tuple[int, int] | None:
-    """(width, height) of the processor's pixel_values: its crop size, or a fixed resize size without a crop."""
-    def get(value: Any, key: str) -> Any:
-        return value.get(key) if isinstance(value, dict) else getattr(value, key, None)
+    """(width, height) of the processor's pixel_values: its crop size, or the size it resizes a square image to."""
+    from serve.preshrink import target_size
 
     if getattr(image_processor, "do_center_crop", False):
         crop = image_processor.crop_size
-        return (int(get(crop, "width")), int(get(crop, "height"))) if get(crop, "width") else None
-    size = image_processor.size
-    if get(size, "height") and get(size, "width"):
-        return int(get(size, "width")), int(get(size, "height"))
-    if get(size, "shortest_edge") and not get(size, "longest_edge"):
-        side = int(get(size, "shortest_edge"))
-        return side, side
-    return None
+        width, height = (crop.get("width"), crop.get("height")) if isinstance(crop, dict) else (
+            getattr(crop, "width", None), getattr(crop, "height", None))
+        return (int(width), int(height)) if width and height else None
+    target = target_size(image_processor)  # (height, width)
+    return None if target is None else (target[1], target[0])
 
 
 def _image(array: Any) -> Any:
