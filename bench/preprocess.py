@@ -97,16 +97,18 @@ def pixel_diff(processor, a, b) -> dict[str, float]:
 
 def run(width: int, height: int, repeats: int, full_processor) -> list[dict[str, Any]]:
     from bench.samples import chart_image, encode
-
-    image = chart_image(width, height)
-    return [format_row(fmt, encode(image, fmt), f"{width}x{height}", repeats, full_processor) for fmt in ("PNG", "JPEG")]
-
-
-def format_row(fmt: str, data: bytes, size: str, repeats: int, full_processor) -> dict[str, Any]:
     from serve.encoding import Encoder
 
-    processor = full_processor.image_processor
-    encoder, reference_encoder = Encoder(full_processor), Encoder(full_processor, fast=False)
+    image = chart_image(width, height)
+    encoders = Encoder(full_processor), Encoder(full_processor, fast=False)  # built (and checked) once
+    return [format_row(fmt, encode(image, fmt), f"{width}x{height}", repeats, full_processor.image_processor,
+                       encoders) for fmt in ("PNG", "JPEG")]
+
+
+def format_row(fmt: str, data: bytes, size: str, repeats: int, processor, encoders: tuple[Any, Any]
+               ) -> dict[str, Any]:
+    """One image format's timings; `encoders`: serve.encoding's (fast path) and the processor-only reference."""
+    encoder, reference_encoder = encoders
     small = fast_geometry(data, processor)
     row: dict[str, Any] = {"format": fmt, "size": size, "bytes": len(data), "encode_fast_path": encoder.fast}
     for name, fn in (("decode_only", lambda: decode(data)),

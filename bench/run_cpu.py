@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1, help="alternate sequential and batched runs this many "
                                                                "times; report the medians")
     parser.add_argument("--tiny", action="store_true", help="seconds-long smoke run (for tests)")
-    parser.add_argument("--out", help="write cpu_sequential/cpu_batched/cpu_compare .json/.md here")
+    parser.add_argument("--out", help="write cpu_compare.json/.md here")
     args = parser.parse_args(argv)
     try:
         levels = parse_levels("1,4" if args.tiny else args.concurrency)
@@ -129,21 +129,11 @@ def main(argv: list[str] | None = None) -> int:
             from train.tiny import build_tiny_artifact
 
             model_dir = str(build_tiny_artifact(Path(tmp) / "tiny"))
-        runs = []  # one {"sequential": rows, "batched": rows} per round
-        for _ in range(args.rounds):
-            results = {}
-            for name, batch in (("sequential", 1), ("batched", args.batch_size)):
-                log_path = Path(tmp) / f"server-{name}.log"
-                try:
-                    with server(model_dir, batch_size=batch, torch_threads=args.torch_threads, log_path=log_path,
-                                max_wait_ms=args.max_wait_ms if batch > 1 else None) as (url, pid):
-                        results[name] = sweep(url, levels, requests=requests, max_new_tokens=max_new, images=4,
-                                              server_pid=pid)
-                except RuntimeError as e:
-                    print(f"{e}\n--- server log ---\n{log_path.read_text(errors='replace')[-4000:]}",
-                          file=sys.stderr)
-                    return 1
-            runs.append(results)
+        try:  # one {"sequential": rows, "batched": rows} per round
+            runs = [one_round(model_dir, args, levels, requests, max_new, Path(tmp)) for _ in range(args.rounds)]
+        except RuntimeError as e:
+            print(e, file=sys.stderr)
+            return 1
     comparisons = [compare(r["sequential"], r["batched"]) for r in runs]
     summary = median_rounds(comparisons)
     verdict = targets(summary)
@@ -164,6 +154,23 @@ def main(argv: list[str] | None = None) -> int:
                                            "comparisons": comparisons, "summary": summary, "targets": verdict}, md)
     errors = sum(r["errors"] for run in runs for rows in run.values() for r in rows)
     return 0 if errors == 0 else 1
+
+
+def one_round(model_dir: str, args: argparse.Namespace, levels: tuple[int, ...], requests: int | None, max_new: int,
+              tmp: Path) -> dict[str, list[dict[str, Any]]]:
+    """The sweep against the sequential server, then against the batched one; RuntimeError with the server's log
+    when one does not start."""
+    results = {}
+    for name, batch in (("sequential", 1), ("batched", args.batch_size)):
+        log_path = tmp / f"server-{name}.log"
+        try:
+            with server(model_dir, batch_size=batch, torch_threads=args.torch_threads, log_path=log_path,
+                        max_wait_ms=args.max_wait_ms if batch > 1 else None) as (url, pid):
+                results[name] = sweep(url, levels, requests=requests, max_new_tokens=max_new, images=4,
+                                      server_pid=pid)
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}\n--- server log ---\n{log_path.read_text(errors='replace')[-4000:]}") from None
+    return results
 
 
 SUMMARY_COLUMNS = [("concurrency", "concurrency"), ("sequential_req_per_s", "sequential req/s"),
