@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,12 +25,17 @@ def sagemaker_tree(base: Path, hyperparameters: dict[str, str]) -> Path:
     return base
 
 
-def wait_for_checkpoint(job: subprocess.Popen, checkpoint: Path, timeout: float = 240) -> None:
-    """Block until the running job has written `checkpoint` completely (its trainer state is saved last)."""
+def wait_until(job: subprocess.Popen, done: Callable[[], bool], what: str, timeout: float = 240) -> None:
+    """Block until `done()` while the job runs; fail if the job ends (or `timeout` passes) first."""
     deadline = time.monotonic() + timeout
-    while not (checkpoint / "trainer_state.json").exists():
-        assert job.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
+    while not done():
+        assert job.poll() is None and time.monotonic() < deadline, f"no {what} before the run ended"
         time.sleep(0.05)
+
+
+def wait_for_checkpoint(job: subprocess.Popen, checkpoint: Path) -> None:
+    """Block until the running job has written `checkpoint` completely (its trainer state is saved last)."""
+    wait_until(job, (checkpoint / "trainer_state.json").exists, f"complete {checkpoint.name}")
 
 
 def lora_run_args(base: str, dataset: dict, out: Path, *, max_steps: int) -> list[str]:
@@ -188,23 +194,17 @@ def test_killed_run_resumes_from_its_newest_complete_checkpoint(tmp_path, datase
     assert (out / "model.safetensors").is_file()
 
 
-def wait_for_line(job: subprocess.Popen, log: Path, text: str, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in log.read_text(errors="replace"):
-        assert job.poll() is None and time.monotonic() < deadline, f"no {text!r} before the run ended"
-        time.sleep(0.05)
-
-
-def stop_mid_training(argv: list[str], log: Path, *, launcher: list[str] | None = None, **env: str) -> int:
-    """Start the job, SIGTERM it once it has logged two steps (as SageMaker stops a job: StopTrainingJob, spot,
-    MaxRuntime; SIGKILL comes 120 s later); returns its exit status."""
+def sigterm_after(argv: list[str], log: Path, text: str, *, launcher: list[str] | None = None, timeout: float = 110,
+                  **env: str) -> int:
+    """Start the job, SIGTERM it once its log shows `text` (as SageMaker stops a job: StopTrainingJob, spot,
+    MaxRuntime; SIGKILL comes 120 s later); returns its exit status, which must come within `timeout`."""
     with open(log, "wb") as out:
         job = subprocess.Popen([*(launcher or [sys.executable, "-m"]), "train", *argv], cwd=REPO,
                                env=train_env(**env), stdout=out, stderr=subprocess.STDOUT)
     try:
-        wait_for_line(job, log, "[train] step=2 ")
+        wait_until(job, lambda: text in log.read_text(errors="replace"), repr(text))
         job.send_signal(signal.SIGTERM)
-        return job.wait(timeout=110)
+        return job.wait(timeout=timeout)
     finally:
         job.kill()
 
@@ -220,7 +220,7 @@ def test_sigterm_mid_training_saves_that_step_exits_143_and_the_next_run_resumes
         return lora_run_args(tiny_artifact, dataset, out, max_steps=max_steps) + [
             "--checkpoint_dir", str(out), "--save_steps", "1000"]
 
-    assert stop_mid_training(argv(400), tmp_path / "job.log", SM_BASE_DIR=str(base)) == 143
+    assert sigterm_after(argv(400), tmp_path / "job.log", "[train] step=2 ", SM_BASE_DIR=str(base)) == 143
     saved = list(out.glob("checkpoint-*"))
     assert len(saved) == 1, tmp_path.joinpath("job.log").read_text()[-4000:]
     step = trainer_state(saved[0])["global_step"]
@@ -243,7 +243,7 @@ def test_sigterm_under_deepspeed_saves_the_same_step_on_both_ranks(tmp_path, dat
                                                                           "zero2"]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 "--shutdown-timeout", "100", "-m"]
-    status = stop_mid_training(argv, tmp_path / "job.log", launcher=launcher, OMP_NUM_THREADS="1")
+    status = sigterm_after(argv, tmp_path / "job.log", "[train] step=2 ", launcher=launcher, OMP_NUM_THREADS="1")
     log = (tmp_path / "job.log").read_text(errors="replace")
     assert status != 0, log[-4000:]
     saved = list(out.glob("checkpoint-*"))
@@ -258,16 +258,9 @@ def test_sigterm_before_training_unwinds_at_once(tmp_path, dataset, tiny_artifac
     """Outside the training loop there is no step to finish: the job stops at once, exit 143, failure file."""
     base = sagemaker_tree(tmp_path / "ml", {})
     log = tmp_path / "job.log"
-    with open(log, "wb") as out:
-        job = subprocess.Popen([sys.executable, "-m", "train", *lora_run_args(tiny_artifact, dataset, tmp_path / "o",
-                                                                               max_steps=400)],
-                               cwd=REPO, env=train_env(SM_BASE_DIR=str(base)), stdout=out, stderr=subprocess.STDOUT)
-    try:
-        wait_for_line(job, log, "loading ")  # data checked, the model loading: not training yet
-        job.send_signal(signal.SIGTERM)
-        assert job.wait(timeout=60) == 143
-    finally:
-        job.kill()
+    argv = lora_run_args(tiny_artifact, dataset, tmp_path / "o", max_steps=400)
+    # "loading ": data checked, the model loading, not training yet
+    assert sigterm_after(argv, log, "loading ", timeout=60, SM_BASE_DIR=str(base)) == 143
     assert "[train] step=" not in log.read_text()
     assert (base / "output" / "failure").read_text().startswith("Stopped by SIGTERM before finishing; a new run")
 
