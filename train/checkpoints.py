@@ -87,7 +87,6 @@ def resume_conflicts(config: dict, checkpoint: Path) -> list[str]:
             for key in SHAPE_SETTINGS if key in saved and saved[key] != config.get(key)]
 
 
-
 def copy_model_files(checkpoint: Path, dest: Path) -> None:
     """The model as the Trainer saved it in `checkpoint` (weights, configs, processor files) into `dest`, without
     the optimizer, scheduler, RNG or DeepSpeed engine state."""
