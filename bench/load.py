@@ -72,7 +72,8 @@ class LevelResult:
             "ttft_p50_ms": percentile([s.ttft_ms for s in ok], 50),
             "latency_p50_ms": percentile(lat, 50), "latency_p99_ms": percentile(lat, 99),
             "server_latency_p50_ms": percentile(server, 50),
-            "pings": len(self.pings_ms), "ping_p50_ms": percentile(self.pings_ms, 50), "ping_p99_ms": percentile(self.pings_ms, 99),
+            "pings": len(self.pings_ms), "ping_p50_ms": percentile(self.pings_ms, 50),
+            "ping_p99_ms": percentile(self.pings_ms, 99),
             "ping_max_ms": max(self.pings_ms) if self.pings_ms else None, "ping_failures": self.ping_failures,
             "peak_rss_mib": self.peak_rss_mib,
         }

@@ -84,7 +84,7 @@ def server(model_dir: str, *, batch_size: int, torch_threads: int, log_path: Pat
 
 def compare(sequential: list[dict[str, Any]], batched: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
-    for s, b in zip(sequential, batched):
+    for s, b in zip(sequential, batched, strict=True):
         rows.append({"concurrency": s["concurrency"], "sequential_req_per_s": s["req_per_s"],
                      "batched_req_per_s": b["req_per_s"],
                      "speedup": b["req_per_s"] / s["req_per_s"] if s["req_per_s"] else float("nan"),
@@ -184,7 +184,7 @@ def median_rounds(comparisons: list[list[dict[str, Any]]]) -> list[dict[str, Any
     import statistics
 
     rows = []
-    for level_rows in zip(*comparisons):
+    for level_rows in zip(*comparisons, strict=True):
         row: dict[str, Any] = {"concurrency": level_rows[0]["concurrency"]}
         for key in ("sequential_req_per_s", "batched_req_per_s", "speedup", "sequential_ping_p99_ms",
                     "batched_ping_p99_ms"):

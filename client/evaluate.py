@@ -23,9 +23,10 @@ import struct
 import sys
 import time
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from client import options as o
 from client.options import option
@@ -115,7 +116,7 @@ def load_questions(data: str | Path, image_folder: str | Path | None = None, *,
             problems.append(f"row {row} (id {example.id!r}): image {example.image!r} not found in {folder}")
             continue
         types = record.get("question_types") or []
-        pairs = zip(example.messages[0::2], example.messages[1::2])
+        pairs = zip(example.messages[0::2], example.messages[1::2], strict=False)
         for k, (user, assistant) in enumerate(pairs):
             item = {"id": f"{example.id}#{k}", "image": str(folder / example.image),
                     "question": _text(user), "answer": _text(assistant)}
@@ -182,7 +183,7 @@ def local_answerer(opts: EvalOptions, errors: list[str]) -> Answerer:
         requests = [GenerationRequest(image=blank if use_blank else image(q), question=q["question"],
                                       temperature=0.0, max_new_tokens=opts.max_new_tokens) for q in items]
         answers = []
-        for q, result in zip(items, predictor.predict(requests)):
+        for q, result in zip(items, predictor.predict(requests), strict=True):
             if isinstance(result, ApiError):
                 errors.append(f"{q['id']}: {result}")
             answers.append(getattr(result, "answer", ""))
@@ -252,7 +253,7 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
         answers = ask_all(questions, answer, use_blank, chunk, run_name)
         if len(errors) - failed_before >= len(questions):
             raise EvalFailed(f"all {len(questions)} questions failed, e.g. {errors[0]}")
-        records = [{**q, "prediction": a, "run": run_name} for q, a in zip(questions, answers)]
+        records = [{**q, "prediction": a, "run": run_name} for q, a in zip(questions, answers, strict=True)]
         runs[run_name] = score(records, GROUP_KEYS)
         predictions += records
     for path in opts.compare:

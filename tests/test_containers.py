@@ -119,7 +119,8 @@ def test_build_script_composes_the_variants():
         return proc.stdout.splitlines()
 
     serve, train = commands("--engine", "docker")  # the Dockerfiles' CUDA 12.6 defaults
-    assert serve.startswith("+ docker build -f Dockerfile.serve -t llava-sm-serve:latest") and "--build-arg" not in serve
+    assert serve.startswith("+ docker build -f Dockerfile.serve -t llava-sm-serve:latest")
+    assert "--build-arg" not in serve
     serve, train = commands("all", "--cuda", "13.0", "--engine", "docker", "--flash-attn", "flash-attn==2.8.3")
     assert "BASE_IMAGE=nvidia/cuda:13.0.2-runtime-ubuntu24.04" in serve and "FLASH_ATTN" not in serve
     assert "BASE_IMAGE=nvidia/cuda:13.0.2-devel-ubuntu24.04" in train and "FLASH_ATTN_SPEC=flash-attn==2.8.3" in train

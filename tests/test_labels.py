@@ -9,8 +9,7 @@ from data_helpers import write_tiny_dataset
 
 from train.artifact import configure_processor
 from train.data import Example, load_examples, load_image
-from train.labels import (IGNORE_INDEX, ExampleDataset, LlavaCollator, RenderedSize, encode_example,
-                          image_token_count)
+from train.labels import IGNORE_INDEX, ExampleDataset, LlavaCollator, RenderedSize, encode_example, image_token_count
 from train.templates import V1_SYSTEM
 
 TWO_TURNS = [
@@ -46,7 +45,7 @@ def image():
 def labelled_runs(processor, encoded):
     """The decoded text of each maximal run of labelled tokens."""
     runs, current = [], []
-    for token, label in zip(encoded["input_ids"], encoded["labels"]):
+    for token, label in zip(encoded["input_ids"], encoded["labels"], strict=True):
         if label != IGNORE_INDEX:
             assert label == token
             current.append(token)

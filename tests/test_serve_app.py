@@ -18,10 +18,10 @@ from ipaddress import ip_network
 import pytest
 import requests
 from fastapi.testclient import TestClient
+from serve_support import FailingPredictor, b64_png, png_bytes, running_server, serve_config, wait_ready
 
 from serve.app import create_app
 from serve.predictor import Predictor
-from serve_support import FailingPredictor, b64_png, png_bytes, running_server, serve_config, wait_ready
 
 IMAGE_HOST = "127.0.0.3"  # a loopback address of its own, so the allow-list can name exactly it
 PIXEL_CAP = 40_000

@@ -17,10 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 from PIL import Image
+from serve_support import RecordingPredictor, SlowPredictor, running_server, serve_config
 
 from serve.app import create_app
 from serve.predictor import Predictor
-from serve_support import RecordingPredictor, SlowPredictor, running_server, serve_config
 
 
 def payload(i: int, **params) -> dict:

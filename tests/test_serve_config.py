@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from serve_support import free_port
 
 from serve.accel import AccelConfig
 from serve.config import ENV_VARS, ConfigError, ServeConfig
-from serve_support import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,11 +16,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from PIL import Image
+from serve_support import png_bytes
 
 from serve.config import ServeConfig
 from serve.errors import ApiError
 from serve.images import ImagePolicy, address_allowed, decode_image, load_image
-from serve_support import png_bytes
 
 LOOPBACK = ImagePolicy(allow_networks=ServeConfig.from_env({"SERVE_FETCH_ALLOW_NETWORKS": "127.0.0.1/32"})
                        .fetch_allow_networks, fetch_timeout_s=2.0)

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from serve_support import b64_png, free_port
 
 REPO = Path(__file__).resolve().parents[1]

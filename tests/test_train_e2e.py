@@ -121,11 +121,12 @@ def test_metric_regexes_read_the_real_log(lora_run):
     steps = [h for h in history if "loss" in h]
     assert len(metrics["loss"]) == len(steps) == 4
     for name in ("loss", "learning_rate", "grad_norm", "epoch"):
-        assert all(math.isclose(m, h[name], rel_tol=1e-5, abs_tol=1e-12) for m, h in zip(metrics[name], steps)), name
+        pairs = zip(metrics[name], steps, strict=True)
+        assert all(math.isclose(m, h[name], rel_tol=1e-5, abs_tol=1e-12) for m, h in pairs), name
     assert any(0 < lr < 1e-4 for lr in metrics["learning_rate"])  # written as e.g. 3.75e-05 and read in full
     evals = [h["eval_loss"] for h in history if "eval_loss" in h]
     assert len(metrics["eval_loss"]) == len(evals)  # 6 significant digits in the log: compare as the others
-    assert all(math.isclose(m, h, rel_tol=1e-5) for m, h in zip(metrics["eval_loss"], evals))
+    assert all(math.isclose(m, h, rel_tol=1e-5) for m, h in zip(metrics["eval_loss"], evals, strict=True))
     for name in ("train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss"):
         assert len(metrics[name]) == 1, name
     report = json.loads((lora_run["out"] / "eval_report.json").read_text())

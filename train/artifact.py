@@ -120,7 +120,8 @@ def save_artifact(
     training_config: dict[str, Any],
     generation_defaults: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a ready-to-serve model dir: weights (safetensors), processor, chat template, generation defaults, config."""
+    """Write a ready-to-serve model dir: weights (safetensors), processor, chat template, generation defaults and
+    config."""
     from transformers import GenerationConfig
 
     out = Path(out_dir)

@@ -204,10 +204,10 @@ def _pie(ax, chart: Chart, fontsize: float, width: float | None = None) -> None:
     wedge = {"edgecolor": chart.style.background, "linewidth": 0.5, **({"width": width} if width else {})}
     legend = chart.style.legend
     wedges, _ = ax.pie(chart.values, colors=colours, startangle=chart.style.start_angle, counterclock=False,
-                       labels=None if legend else [f"{lab} {p}%" for lab, p in zip(chart.labels, shares)],
+                       labels=None if legend else [f"{lab} {p}%" for lab, p in zip(chart.labels, shares, strict=True)],
                        textprops={"fontsize": fontsize}, wedgeprops=wedge, labeldistance=1.08)
     if legend:
-        ax.legend(wedges, [f"{lab} {p}%" for lab, p in zip(chart.labels, shares)], loc="center left",
+        ax.legend(wedges, [f"{lab} {p}%" for lab, p in zip(chart.labels, shares, strict=True)], loc="center left",
                   bbox_to_anchor=(1.0, 0.5), fontsize=fontsize, frameon=False, handlelength=1.0)
     ax.set_aspect("equal")
     _no_axes(ax)
@@ -222,7 +222,7 @@ def _funnel(ax, chart: Chart, fontsize: float) -> None:
     n, top = len(chart.values), max(chart.values)
     ys = list(range(n))[::-1]
     ax.barh(ys, chart.values, left=[(top - v) / 2 for v in chart.values], color=_hex(chart), height=0.85)
-    for y, label, value in zip(ys, chart.labels, chart.values):
+    for y, label, value in zip(ys, chart.labels, chart.values, strict=True):
         ax.text(top / 2, y, f"{label}: {format_value(value, chart.unit)}", ha="center", va="center",
                 fontsize=fontsize, color="black",
                 bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "alpha": 0.7, "linewidth": 0})
@@ -250,7 +250,7 @@ def _line(ax, chart: Chart, fontsize: float) -> None:
     ax.plot(positions, chart.values, color=_hex(chart), marker="o", linewidth=2.0, markersize=4)
     low, high = min(chart.values), max(chart.values)
     pad = (high - low) * 0.3 or abs(high) * 0.3 or 1.0
-    for x, v in zip(positions, chart.values):
+    for x, v in zip(positions, chart.values, strict=True):
         ax.annotate(format_value(v, chart.unit), (x, v), textcoords="offset points", xytext=(0, fontsize * 0.5 + 2),
                     ha="center", fontsize=fontsize)
     ax.set_xticks(positions, list(chart.labels), fontsize=fontsize)

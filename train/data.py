@@ -210,7 +210,7 @@ def check_image_files(examples: list[Example], image_folder: str | os.PathLike |
         results = pool.map(lambda name: _image_problem(folder / name), names)
         results = list(_progress(results, len(names)))
     problems = []
-    for name, problem in zip(names, results):
+    for name, problem in zip(names, results, strict=True):
         if problem:
             problems += [f"row {e.row} (id {e.id!r}): image {name!r} {problem}" for e in rows_by_image[name]]
     return problems

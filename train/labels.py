@@ -79,7 +79,7 @@ def shift_spans(spans: list[tuple[int, int]], replacements: list[dict]) -> list[
 def label_tokens(input_ids: list[int], offsets: list[list[int]], spans: list[tuple[int, int]]) -> list[int]:
     """Labels: the id of each token that starts inside a span; IGNORE_INDEX for the rest (zero-width ones too)."""
     labels = [IGNORE_INDEX] * len(input_ids)
-    for i, ((start, end), token) in enumerate(zip(offsets, input_ids)):
+    for i, ((start, end), token) in enumerate(zip(offsets, input_ids, strict=True)):
         if end > start and any(s <= start < e for s, e in spans):
             labels[i] = token
     return labels
@@ -211,7 +211,7 @@ class ExampleDataset:
             kept.append(example)
             lengths.append(n_images * self.image_tokens + n_bytes // CHARS_PER_TOKEN)
         self.examples, self.lengths = kept, lengths
-        self.modality_lengths = [n if e.image is not None else -n for e, n in zip(kept, lengths)]
+        self.modality_lengths = [n if e.image is not None else -n for e, n in zip(kept, lengths, strict=True)]
         self.truncated, self.dropped = truncated, len(examples) - len(kept)
         if max_length is not None:
             log.info("max_length %d (image tokens included): %d of %d examples truncated, %d dropped "
@@ -263,7 +263,7 @@ def _fit_exactly(processor: Any, example: Example, image_tokens: int, max_length
     enc = processor.tokenizer(text, return_offsets_mapping=True)
     labels = label_tokens(enc["input_ids"], enc["offset_mapping"], spans)
     input_ids, expanded_labels = [], []
-    for token, label in zip(enc["input_ids"], labels):
+    for token, label in zip(enc["input_ids"], labels, strict=True):
         repeat = image_tokens if token == processor.image_token_id else 1
         input_ids += [token] * repeat
         expanded_labels += [label] * repeat

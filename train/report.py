@@ -75,7 +75,7 @@ def build_report(examples: list[Any], predictions: dict[str, list[str]], *, eval
         rows.append(row)
     report: dict[str, Any] = {"n": len(rows), "max_new_tokens": max_new_tokens, "eval_loss": eval_loss}
     for run, preds in predictions.items():
-        report[run] = score({"prediction": p, "answer": r["answer"]} for p, r in zip(preds, rows))
+        report[run] = score({"prediction": p, "answer": r["answer"]} for p, r in zip(preds, rows, strict=True))
     report["examples"] = rows
     return report
 
@@ -101,9 +101,9 @@ def plot_loss_curve(log_history: list[dict[str, Any]], path: str | Path) -> Path
     fig = Figure(figsize=(7, 4), dpi=100)
     ax = fig.add_subplot()
     if train:
-        ax.plot(*zip(*train), label="training loss", linewidth=1.2)
+        ax.plot(*zip(*train, strict=True), label="training loss", linewidth=1.2)
     if evals:
-        ax.plot(*zip(*evals), "o-", label="validation loss")
+        ax.plot(*zip(*evals, strict=True), "o-", label="validation loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)

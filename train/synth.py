@@ -28,8 +28,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from train.charts import BACKGROUNDS, COLOUR_NAMES, FONTS, KINDS, PALETTES, Chart, Style, draw_chart
 from train.chartqa import QUESTION_TYPES, questions_for
+from train.charts import BACKGROUNDS, COLOUR_NAMES, FONTS, KINDS, PALETTES, Chart, Style, draw_chart
 from train.tables import DEMO_THEMES, THEMES, Table, compatible_kinds, load_tables, random_table
 
 log = logging.getLogger(__name__)

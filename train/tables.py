@@ -108,7 +108,7 @@ def _shares(rng: random.Random, n: int) -> tuple[float, ...]:
     """n distinct whole percentages, each at least 4, summing to 100."""
     while True:
         cuts = sorted(rng.sample(range(1, 100), n - 1))
-        parts = [b - a for a, b in zip([0] + cuts, cuts + [100])]
+        parts = [b - a for a, b in zip([0] + cuts, cuts + [100], strict=True)]
         if min(parts) >= 4 and len(set(parts)) == n:
             return tuple(float(p) for p in parts)
 
@@ -132,7 +132,7 @@ def _round_sig(x: float, digits: int) -> float:
 def compatible_kinds(table: Table, kinds: tuple[str, ...]) -> tuple[str, ...]:
     """The kinds that can draw this table: pies need positive values, funnels positive non-increasing ones."""
     positive = all(v > 0 for v in table.values)
-    funnel = positive and all(a >= b for a, b in zip(table.values, table.values[1:]))
+    funnel = positive and all(a >= b for a, b in zip(table.values, table.values[1:], strict=False))
     ok = {"pie": positive, "donut": positive, "funnel": funnel}
     return tuple(k for k in kinds if ok.get(k, True))
 
@@ -217,7 +217,7 @@ def _validate(item: object) -> tuple[Table | None, list[str]]:
     if len(set(labels)) != len(labels):
         problems.append("duplicate labels: " + ", ".join(sorted({x for x in labels if labels.count(x) > 1})))
     numbers = []
-    for label, value in zip(labels, values):
+    for label, value in zip(labels, values, strict=False):
         number = _number(value)
         if number is None:
             problems.append(f"value of {label!r} is not a number: {value!r}")

@@ -60,7 +60,8 @@ _LLAMA_2 = (
     "{%- for m in messages -%}"
     "{%- if m['role'] == 'user' -%}"
     "{%- if not ns2.first -%}{{- '<s>' -}}{%- endif -%}{{- '[INST] ' -}}"
-    "{%- if ns2.first -%}{{- '<<SYS>>\\n' + ns.system + '\\n<</SYS>>\\n\\n' -}}{%- set ns2.first = false -%}{%- endif -%}"
+    "{%- if ns2.first -%}{{- '<<SYS>>\\n' + ns.system + '\\n<</SYS>>\\n\\n' -}}"
+    "{%- set ns2.first = false -%}{%- endif -%}"
     + _CONTENT
     + "{{- ' [/INST]' -}}"
     "{%- elif m['role'] == 'assistant' -%}"

@@ -82,8 +82,14 @@ def build_tiny_model_and_processor(preset: str = "test", corpus: list[str] | Non
                                    version: str = "v1", seed: int = 0):
     """A randomly initialised tiny LLaVA and its configured processor (not saved)."""
     import torch
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     from train.artifact import configure_processor
 
