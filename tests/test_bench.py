@@ -80,6 +80,9 @@ def test_gpu_script_tiny_mode_runs_every_measurement(tmp_path):
     assert data["ttft_first_token_p50_ms"] > 0 and "errors" not in data
     assert set(data["ttft_samples_ms"]) == {"ttft", "decode", "prepare", "first_token"}
     assert min(data["ttft_samples_ms"]["ttft"]) == pytest.approx(data["ttft_min_ms"])
+    profile = data["prefill_profile"]  # CPU: no CUDA kernels to count, but the profiled call ran
+    assert profile["wall_ms"] > 0 and profile["kernels"] == 0 and profile["kernel_ms"] == 0
+    assert "prefill + first token, profiled" in (tmp_path / "gpu.md").read_text()
     assert [s["accel"] for s in data["server"]] == ["off", "on"]
     for s in data["server"]:
         assert s["sequential_errors"] == s["batched_errors"] == 0
