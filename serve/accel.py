@@ -1,4 +1,4 @@
-"""Decode speed-ups for the served model on CUDA: static KV cache + torch.compile in shape buckets, sdpa, bf16.
+"""Decode speed-ups for the served model on CUDA: static KV cache + torch.compile in shape buckets, sdpa.
 
     accel = Accelerator(loaded.model, AccelConfig.from_env(), device=loaded.device)   # once, after the load
     accel.warm_up(loaded.model, one_processed_row, gen, max_new_tokens=128)          # compile before traffic
@@ -16,8 +16,8 @@ does about it, all on the 4-bit path:
   the first step and dropped from the output) and the cache length is rounded up to a multiple of
   `cache_bucket`, so a handful of compiled graphs serve every request; caches are kept per (batch, length)
   bucket and reset, not reallocated, so CUDA graphs replay on the same addresses (LRU-evicted over a memory cap);
-- sdpa attention (switched to if the model was loaded with eager attention); bf16 compute is the loader's job
-  (serve.model.nf4_config) and is reported here.
+- sdpa attention (switched to if the model was loaded with eager attention); the 16-bit compute type (bf16, fp16
+  before Ampere) is the loader's choice (serve.model.half_dtype) and is reported here.
 
 Environment (parsed with the server's other variables by serve.config.ServeConfig, so a bad value stops start-up;
 `AccelConfig.from_env` reads just these for library callers such as `Predictor(loaded)`):

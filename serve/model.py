@@ -1,9 +1,10 @@
 """Load a model dir for serving: `load_artifact(model_dir, quantization=..., device=...) -> LoadedModel`.
 
-The one place the 4-bit load lives. On CUDA the default is NF4 with bf16 compute and double quantization; the
-vision tower, the projector and lm_head stay unquantized (bitsandbytes matches skip names from the start of the
-full module name, hence the `model.` prefix). On CPU the default is unquantized fp32; NF4 can be forced there too
-(bitsandbytes has CPU kernels; every quantized Linear needs in_features divisible by 64).
+The one place the 4-bit load lives. On CUDA the default is NF4 with 16-bit compute (`half_dtype`: bf16, or fp16 on
+a GPU older than Ampere) and double quantization; the vision tower, the projector and lm_head stay unquantized
+(bitsandbytes matches skip names from the start of the full module name, hence the `model.` prefix). On CPU the
+default is unquantized fp32; NF4 can be forced there too (bitsandbytes has CPU kernels; every quantized Linear needs
+in_features divisible by 64).
 
 The processor (tokenizer, chat template, image padding) and the generation defaults come from the model dir.
 A dir holding a PEFT adapter (`adapter_config.json` naming `base_model_name_or_path`) is served too: the adapter
@@ -98,31 +99,51 @@ def load_artifact(model_dir: str | Path, *, quantization: str = "auto", device: 
                        model_dir=model_dir, adapter_base=adapter)
 
 
-def _dtype(quant: str):
+def half_dtype(device: str, capability: tuple[int, int] | None = None) -> Any:
+    """The 16-bit type NF4 computes in and the unquantized parts are kept in: bf16, except on a GPU older than
+    Ampere (compute capability < 8.0: the T4 of ml.g4dn, the V100 of ml.p3). bf16 is only emulated there, and
+    torch.compile's Triton kernels are not built for it, so fp16 it is (LLaVA-1.5's own release dtype)."""
     import torch
 
-    if quant in ("nf4", "bf16"):
+    if not device.startswith("cuda"):
+        return torch.bfloat16  # bitsandbytes' CPU kernels take bf16
+    major, _ = capability or torch.cuda.get_device_capability(torch.device(device))
+    return torch.bfloat16 if major >= 8 else torch.float16
+
+
+def _dtype(quant: str, device: str) -> Any:
+    import torch
+
+    if quant == "nf4":
+        return half_dtype(device)
+    if quant == "bf16":
+        if half_dtype(device) != torch.bfloat16:
+            log.warning("SERVE_QUANTIZATION=bf16 on a GPU without native bf16 (compute capability %s): emulated and "
+                        "slow; fp16 or nf4 (fp16 compute here) are the fast choices",
+                        ".".join(map(str, torch.cuda.get_device_capability(torch.device(device)))))
         return torch.bfloat16
     if quant == "fp16":
         return torch.float16
     return torch.float32
 
 
-def nf4_config():
-    """NF4 + double quantization, bf16 compute; vision tower, projector and lm_head kept in bf16."""
+def nf4_config(compute_dtype: Any = None) -> Any:
+    """NF4 + double quantization, computing in `compute_dtype` (default bf16); the vision tower, the projector and
+    lm_head are left unquantized."""
     import torch
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_compute_dtype=compute_dtype or torch.bfloat16,
                               bnb_4bit_use_double_quant=True, llm_int8_skip_modules=list(NF4_SKIP_MODULES))
 
 
 def _load_weights(path: str | Path, quant: str, device: str):
     from transformers import AutoModelForImageTextToText
 
-    kwargs: dict[str, Any] = {"dtype": _dtype(quant), "device_map": {"": device}}
+    kwargs: dict[str, Any] = {"dtype": _dtype(quant, device), "device_map": {"": device}}
     if quant == "nf4":
-        kwargs["quantization_config"] = nf4_config()
+        kwargs["quantization_config"] = nf4_config(kwargs["dtype"])
     try:
         model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
@@ -152,7 +173,11 @@ def _load_adapter_merged(model_dir: Path, base: str, quant: str, device: str):
 
     log.warning("%s holds a PEFT adapter: merging it into %s at start-up (run `python -m train.merge` once to "
                 "serve a merged artifact and start faster)", model_dir, base)
-    merge_quant = "bf16" if quant == "nf4" else quant
+    merge_quant = quant
+    if quant == "nf4":  # merged in the 16-bit type it will compute in, then quantized
+        import torch
+
+        merge_quant = "bf16" if half_dtype(device) == torch.bfloat16 else "fp16"
     base_model = _load_weights(base, merge_quant, device)
     try:
         merged = PeftModel.from_pretrained(base_model, str(model_dir)).merge_and_unload()

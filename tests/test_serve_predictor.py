@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from serve.errors import ApiError
-from serve.model import NF4_SKIP_MODULES, ModelLoadError, load_artifact
+from serve.model import NF4_SKIP_MODULES, ModelLoadError, half_dtype, load_artifact
 from serve.predictor import GenerationRequest, GenerationResult, Predictor
 
 QUESTIONS = ["What is shown?", "What type of chart is this? pie donut funnel", "Which?",
@@ -146,16 +146,23 @@ def _check_nf4(loaded) -> None:
     quantized = [n for n, m in loaded.model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert quantized and all(n.startswith("model.language_model.") for n in quantized)
     assert not any(n.startswith(tuple(NF4_SKIP_MODULES)) for n in quantized)
-    import torch
-
-    model = loaded.model  # the modules left unquantized are bf16, the compute dtype
+    half = half_dtype(loaded.device)
+    model = loaded.model  # the modules left unquantized are in the compute dtype
     for module in (model.model.vision_tower, model.model.multi_modal_projector, model.lm_head):
-        assert {p.dtype for p in module.parameters()} == {torch.bfloat16}
+        assert {p.dtype for p in module.parameters()} == {half}
     qc = loaded.model.config.quantization_config
     assert qc.bnb_4bit_quant_type == "nf4" and qc.bnb_4bit_use_double_quant
-    assert str(qc.bnb_4bit_compute_dtype).endswith("bfloat16")
+    assert str(qc.bnb_4bit_compute_dtype).replace("torch.", "") == str(half).replace("torch.", "")
     out = Predictor(loaded).predict([greedy(1, max_new_tokens=6), greedy(2, max_new_tokens=6)])
     assert all(isinstance(o, GenerationResult) and o.completion_tokens >= 1 for o in out)
+
+
+def test_nf4_computes_in_bf16_from_ampere_on_and_in_fp16_before():
+    import torch
+
+    assert half_dtype("cpu") == torch.bfloat16
+    assert half_dtype("cuda", capability=(8, 6)) == half_dtype("cuda:0", capability=(9, 0)) == torch.bfloat16
+    assert half_dtype("cuda", capability=(7, 5)) == half_dtype("cuda", capability=(7, 0)) == torch.float16  # T4, V100
 
 
 def test_nf4_load_path_runs_on_cpu_when_forced(tiny_artifact):
