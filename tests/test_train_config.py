@@ -319,3 +319,14 @@ def test_numbers_the_trainer_would_crash_on_or_silently_misread_are_refused(no_s
     ok = resolve_config(required(files) + ["--seed", "0", "--save_total_limit", "None", "--max_grad_norm", "0"],
                         no_sagemaker).config
     assert (ok.seed, ok.save_total_limit, ok.max_grad_norm) == (0, None, 0.0)
+
+
+def test_bf16_is_refused_on_a_gpu_without_it_before_loading():
+    from train.job import bf16_problem
+
+    problem = bf16_problem(True, (7, 5), "Tesla T4")
+    assert problem and "Tesla T4 has 7.5" in problem and "--fp16 True" in problem
+    assert bf16_problem(True, (7, 0), "Tesla V100-SXM2-16GB")
+    assert bf16_problem(True, (8, 6), "NVIDIA A10G") is None and bf16_problem(True, (9, 0), "NVIDIA H100") is None
+    assert bf16_problem(True, None, None) is None  # CPU: bf16 runs there
+    assert bf16_problem(False, (7, 5), "Tesla T4") is None

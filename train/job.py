@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from train.config import TrainConfig
+from train.config import ConfigError, TrainConfig
 from train.data import DataError, load_examples
 
 log = logging.getLogger(__name__)
@@ -74,12 +74,25 @@ def prepare_runtime(cfg: TrainConfig) -> dict[str, Any]:
         ensure_rendezvous_env(os.environ)
         if not cuda:
             skip_deepspeed_shm_build()
+    capability = torch.cuda.get_device_capability() if cuda else None
+    problem = bf16_problem(cfg.bf16, capability, torch.cuda.get_device_name() if cuda else None)
+    if problem:
+        raise ConfigError([problem])
     tf32 = cfg.tf32
-    if tf32 and not (cuda and torch.cuda.get_device_capability()[0] >= 8):
+    if tf32 and not (capability and capability[0] >= 8):
         log.warning("--tf32 True ignored: it needs an Ampere or newer GPU")
         tf32 = None
     check_trackers(cfg)
     return {"cuda": cuda, "tf32": tf32}
+
+
+def bf16_problem(bf16: bool, capability: tuple[int, int] | None, gpu: str | None) -> str | None:
+    """--bf16 True on a GPU older than Ampere (the T4 of ml.g4dn, the V100 of ml.p3): torch would emulate bf16, slowly,
+    and bitsandbytes' and DeepSpeed's kernels may not take it; refused before any weights load. (On CPU bf16 runs.)"""
+    if not bf16 or capability is None or capability[0] >= 8:
+        return None
+    return (f"--bf16 True needs a GPU with bf16 (compute capability 8.0+, e.g. A10G, L4, A100, H100); this {gpu} has "
+            f"{capability[0]}.{capability[1]}: use --fp16 True")
 
 
 def init_deepspeed_comm(args: Any, *, cuda: bool) -> None:
@@ -130,7 +143,6 @@ def make_trainer(cfg: TrainConfig, args: Any, processor: Any, examples: list, va
 
 def find_resume(cfg: TrainConfig) -> Path | None:
     from train.checkpoints import find_resume_checkpoint, resume_conflicts, resume_step
-    from train.config import ConfigError
 
     if not cfg.resume:
         return None

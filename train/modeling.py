@@ -100,8 +100,10 @@ def compute_dtype(cfg: TrainConfig, *, cuda: bool) -> Any:
         return torch.bfloat16
     if cfg.fp16:
         return torch.float16
-    # QLoRA's usual compute dtype on a GPU without explicit precision flags; CPUs compute in fp32.
-    return torch.bfloat16 if (cuda and cfg.bits == 4) else torch.float32
+    if not (cuda and cfg.bits == 4):
+        return torch.float32  # CPUs compute in fp32
+    # QLoRA's usual compute dtype on a GPU without explicit precision flags; fp16 before Ampere (no native bf16).
+    return torch.bfloat16 if torch.cuda.get_device_capability()[0] >= 8 else torch.float16
 
 
 def quantization_config(cfg: TrainConfig, *, cuda: bool) -> Any:
