@@ -83,10 +83,11 @@ def test_gpu_script_tiny_mode_runs_every_measurement(tmp_path):
     profile = data["prefill_profile"]  # CPU: no CUDA kernels to count, but the profiled call ran
     assert profile["wall_ms"] > 0 and profile["kernels"] == 0 and profile["kernel_ms"] == 0
     assert "prefill + first token, profiled" in (tmp_path / "gpu.md").read_text()
-    assert [s["accel"] for s in data["server"]] == ["off", "on"]
+    assert [(s["accel"], s["new_tokens"]) for s in data["server"]] == [("off", 4), ("on", 4), ("on", 6)]
     for s in data["server"]:
         assert s["sequential_errors"] == s["batched_errors"] == 0
-        assert s["sequential_mean_completion_tokens"] == s["batched_mean_completion_tokens"] == 4  # forced length
+        # forced length
+        assert s["sequential_mean_completion_tokens"] == s["batched_mean_completion_tokens"] == s["new_tokens"]
     assert "batch-1 decode" in (tmp_path / "gpu.md").read_text()
 
 
