@@ -21,8 +21,8 @@ does about it, all on the 4-bit path:
 
 Environment (parsed with the server's other variables by serve.config.ServeConfig, so a bad value stops start-up;
 `AccelConfig.from_env` reads just these for library callers such as `Predictor(loaded)`):
-    SERVE_ACCEL             auto (default: on with CUDA, off on CPU) | on | off (plain eager `generate`: the
-                            fallback if a compiled path misbehaves on some driver/torch combination)
+    SERVE_ACCEL             auto (default: on with CUDA, off on CPU; Predictor falls back to eager if the warm-up
+                            fails) | on (a failed warm-up is an error) | off (plain eager `generate`)
     SERVE_ACCEL_BATCH_BUCKETS  comma-separated batch sizes (default 1,2,4,8,16,32); bigger batches run unpadded
     SERVE_ACCEL_CACHE_BUCKET   KV-cache length granularity in tokens (default 256)
     SERVE_ACCEL_CACHE_GIB      memory kept in pooled KV caches (default: 30% of the GPU's memory)
@@ -68,7 +68,8 @@ class AccelConfig:
         return accel_config_of(values)
 
     def enabled_for(self, device: str) -> bool:
-        return self.mode == "on" or (self.mode == "auto" and str(device).startswith("cuda"))
+        """`on`; `auto` on CUDA (or on a CPU told to compile, as tests do)."""
+        return self.mode == "on" or (self.mode == "auto" and (str(device).startswith("cuda") or self.compile_on_cpu))
 
 
 def bucket_batch(n: int, buckets: tuple[int, ...]) -> int:

@@ -82,11 +82,28 @@ class Predictor:
         self.default_max_new_tokens = min(gen.max_new_tokens or 128, max_new_tokens_cap)
         self.default_temperature = float(gen.temperature or 1.0) if gen.do_sample else 0.0
         self.default_top_p = float(gen.top_p) if gen.do_sample and gen.top_p is not None else 1.0
-        if self.accel.enabled:  # compile every batch bucket now, not inside the first requests' time budget
-            from PIL import Image
+        if self.accel.enabled:
+            self._warm_up_or_fall_back()
 
-            probe = GenerationRequest(image=Image.new("RGB", (64, 64)), question="What is shown in the image?")
-            self.accel.warm_up(loaded.model, self._encode(probe), gen, max_new_tokens=self.default_max_new_tokens)
+    def _warm_up_or_fall_back(self) -> None:
+        """Compile every batch bucket now, not inside the first requests' time budget. Under SERVE_ACCEL=auto a
+        failure (a compiler bug on some GPU/driver/torch combination) leaves eager generate serving, logged with its
+        traceback; under SERVE_ACCEL=on it stops the start-up."""
+        import dataclasses
+
+        from PIL import Image
+
+        model, gen = self.loaded.model, self.loaded.generation_config
+        probe = GenerationRequest(image=Image.new("RGB", (64, 64)), question="What is shown in the image?")
+        try:
+            self.accel.warm_up(model, self._encode(probe), gen, max_new_tokens=self.default_max_new_tokens)
+        except Exception:
+            if self.accel.config.mode != "auto":
+                raise
+            log.exception("decode acceleration failed while warming up: serving with eager generate instead "
+                          "(SERVE_ACCEL=off skips the attempt; SERVE_ACCEL=on makes this failure stop the start-up)")
+            self.accel = Accelerator(model, dataclasses.replace(self.accel.config, mode="off"),
+                                     device=self.loaded.device)
 
     # ------------------------------------------------------------------ public
     def predict(self, requests: Sequence[GenerationRequest], on_result: OnResult | None = None) -> list[Outcome]:

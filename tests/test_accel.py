@@ -6,6 +6,8 @@ fast; on CUDA the same code uses inductor + CUDA graphs (tests marked gpu).
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -232,6 +234,24 @@ def test_warm_up_compiles_every_bucket_before_traffic(fp32):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # replayed, nothing new compiled
     assert Accelerator(model, AccelConfig(mode="off"), device="cpu").warm_up(model, row, fp32.generation_config,
                                                                             max_new_tokens=6) == 0.0
+
+
+def test_a_failed_warm_up_falls_back_to_eager_under_auto_and_stops_start_up_under_on(tiny_artifact, caplog):
+    from serve.model import load_artifact
+    from serve.predictor import GenerationRequest, Predictor
+
+    loaded = load_artifact(tiny_artifact, quantization="none", device="cpu")
+    broken = {**CPU_COMPILED.__dict__, "batch_buckets": (1, 2), "compile_backend": "no-such-backend"}
+    with pytest.raises(Exception, match="no-such-backend"):
+        Predictor(loaded, accel=AccelConfig(**broken))  # SERVE_ACCEL=on: the failure is the user's to see
+    caplog.set_level(logging.INFO)
+    predictor = Predictor(loaded, accel=AccelConfig(**{**broken, "mode": "auto"}))
+    assert "failed while warming up: serving with eager generate" in caplog.text and "Traceback" in caplog.text
+    assert not predictor.accel.enabled and predictor.accel.cached_shapes == []
+    eager = Predictor(loaded, accel=AccelConfig(mode="off"))
+    request = GenerationRequest(image=None, question="Title?", temperature=0, max_new_tokens=4)
+    [fell_back], [plain] = predictor.predict([request]), eager.predict([request])
+    assert fell_back == plain
 
 
 def test_predictor_warms_up_only_when_accelerated(tiny_artifact):
