@@ -77,6 +77,12 @@ def bucket_batch(n: int, buckets: tuple[int, ...]) -> int:
     return next((b for b in buckets if b >= n), n)
 
 
+def buckets_up_to(max_batch: int, buckets: tuple[int, ...]) -> tuple[int, ...]:
+    """The buckets a batch of at most `max_batch` rows can be padded to: each below it and the first at or above it.
+    Only those are worth compiling at start-up (~35 s each for a 7B model on an H100)."""
+    return tuple(b for b in buckets if b < max_batch) + tuple(b for b in buckets if b >= max_batch)[:1]
+
+
 def bucket_length(n: int, granularity: int) -> int:
     return -(-n // granularity) * granularity
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 # serve.accel imports only the stdlib at import time, and this module lazily (AccelConfig.from_env): no cycle.
-from serve.accel import AccelConfig
+from serve.accel import AccelConfig, buckets_up_to
 
 MiB = 1024 * 1024
 QUANTIZATIONS = ("auto", "nf4", "bf16", "fp16", "none")
@@ -78,8 +78,11 @@ class ServeConfig:
         return cls(**values)
 
     def accel_config(self) -> AccelConfig:
-        """The `serve.accel.AccelConfig` these settings describe."""
-        return accel_config_of({name: getattr(self, name) for name in ACCEL_FIELDS})
+        """The `serve.accel.AccelConfig` these settings describe, with only the batch buckets that a batch of at most
+        SERVE_MAX_BATCH_SIZE rows can use (the others would only lengthen the start-up's warm-up)."""
+        values = {name: getattr(self, name) for name in ACCEL_FIELDS}
+        values["accel_batch_buckets"] = buckets_up_to(self.max_batch_size, self.accel_batch_buckets)
+        return accel_config_of(values)
 
     def summary(self) -> str:
         """One line with every resolved value, for the start-up log."""

@@ -54,8 +54,19 @@ def test_every_variable_is_read():
     assert "fetch_allow_networks=127.0.0.0/8,10.1.2.3/32" in cfg.summary()
     assert cfg.s3_buckets == ("serve-images", "my.other-bucket")
     accel = cfg.accel_config()
-    assert (accel.mode, accel.batch_buckets, accel.cache_bucket, accel.cache_gib) == ("off", (1, 4, 8), 128, 2.5)
-    assert ServeConfig.from_env({}).accel_config() == AccelConfig()
+    # SERVE_ACCEL_BATCH_BUCKETS=1,4,8 with SERVE_MAX_BATCH_SIZE=4: no batch can use 8, so it is not compiled
+    assert (accel.mode, accel.batch_buckets, accel.cache_bucket, accel.cache_gib) == ("off", (1, 4), 128, 2.5)
+    assert ServeConfig.from_env({}).accel_config() == AccelConfig(batch_buckets=(1, 2, 4, 8))  # max batch 8
+
+
+def test_only_the_batch_buckets_a_batch_can_reach_are_compiled():
+    from serve.accel import DEFAULT_BATCH_BUCKETS, buckets_up_to
+
+    assert buckets_up_to(8, DEFAULT_BATCH_BUCKETS) == (1, 2, 4, 8)
+    assert buckets_up_to(10, DEFAULT_BATCH_BUCKETS) == (1, 2, 4, 8, 16)  # 9-10 rows pad to 16
+    assert buckets_up_to(64, DEFAULT_BATCH_BUCKETS) == DEFAULT_BATCH_BUCKETS  # 33-64 rows run unpadded
+    assert buckets_up_to(1, DEFAULT_BATCH_BUCKETS) == (1,)
+    assert buckets_up_to(3, (1, 4, 8)) == (1, 4)
 
 
 def test_every_bad_value_is_reported_at_once_naming_its_variable():
