@@ -236,6 +236,27 @@ def test_warm_up_compiles_every_bucket_before_traffic(fp32):
                                                                             max_new_tokens=6) == 0.0
 
 
+def test_a_shorter_request_reuses_a_longer_compiled_cache_and_a_longer_one_is_logged(fp32, caplog):
+    model = fp32.model
+    accel = Accelerator(model, AccelConfig(**{**CPU_COMPILED.__dict__, "batch_buckets": (1, 2), "cache_bucket": 64}),
+                        device="cpu")
+    row = {k: v[:1] for k, v in _batch(fp32, 1).items()}
+    width = row["input_ids"].shape[1]
+    warmed = -(-(width + 100) // 64) * 64
+    accel.warm_up(model, row, fp32.generation_config, max_new_tokens=100)
+    assert accel.cached_shapes == [(1, warmed), (2, warmed)] and warmed > width + 6 + 64  # 6 tokens: a shorter bucket
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    caplog.set_level(logging.INFO)
+    short = accel.generate(model, _batch(fp32, 2), generation_config=_gen(fp32, 6))
+    assert torch.equal(short, model.generate(**_batch(fp32, 2), generation_config=_gen(fp32, 6)))
+    assert accel.cached_shapes == [(1, warmed), (2, warmed)]  # the warmed-up cache, not a 64-token one of its own
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs and "request time" not in caplog.text
+    accel.generate(model, _batch(fp32, 1), generation_config=_gen(fp32, warmed))  # needs more than was warmed up
+    longer = -(-(width + warmed) // 64) * 64
+    assert (1, longer) in accel.cached_shapes
+    assert f"compiling a new shape at request time (batch=1, cache length={longer})" in caplog.text
+
+
 def test_a_failed_warm_up_falls_back_to_eager_under_auto_and_stops_start_up_under_on(tiny_artifact, caplog):
     from serve.model import load_artifact
     from serve.predictor import GenerationRequest, Predictor
