@@ -7,7 +7,9 @@
                                 image/webp, application/x-image) with the question in ?question= or in
                                 X-Amzn-SageMaker-Custom-Attributes
                                 -> {"answer", "usage": {"prompt_tokens", "completion_tokens"}, "finish_reason",
-                                    "latency_ms"} (a list of those for "instances")
+                                    "latency_ms"} (a list of those for "instances"); with "stream": true (or
+                                ?stream=true), text/event-stream: the answer's pieces, then that object
+                                (serve/streaming.py)
     GET  /execution-parameters  what batch transform should send (SINGLE_RECORD, our payload cap)
 
 The model loads on a background thread after the socket is listening (SageMaker wants the socket within 250 ms and
@@ -36,7 +38,7 @@ from urllib.parse import parse_qsl
 
 from fastapi import FastAPI, Request
 from starlette.requests import ClientDisconnect
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from serve.batching import Batcher
 from serve.config import MiB, ServeConfig
@@ -44,6 +46,7 @@ from serve.errors import ApiError, error_response, internal_error, register_erro
 from serve.images import ImagePolicy, decode_image, image_bytes, is_remote
 from serve.predictor import GenerationRequest, GenerationResult
 from serve.schema import GenerationParams, parse_json_body, parse_raw_params
+from serve.streaming import MEDIA_TYPE, event
 
 log = logging.getLogger(__name__)
 
@@ -161,15 +164,17 @@ def create_app(cfg: ServeConfig, *, predictor_factory: Callable[[], Any] | None 
     return app
 
 
-async def _invoke(state: ServerState, request: Request, started: float) -> JSONResponse:
+async def _invoke(state: ServerState, request: Request, started: float) -> Response:
     deadline = started + state.cfg.request_timeout_s
     batcher = state.require_batcher()
     batcher.expect()  # a lone queued request waits for this one only while it is on its way
     try:
-        requests, is_batch = await _read_and_prepare(state, batcher, request, deadline)
+        requests, is_batch, stream = await _read_and_prepare(state, batcher, request, deadline)
     except BaseException:
         batcher.withdraw()
         raise
+    if stream:
+        return await _stream(batcher, requests[0], deadline, started)
     outcomes = await batcher.submit(requests, deadline, expected=True)
     for outcome in outcomes:
         if isinstance(outcome, ApiError):
@@ -179,10 +184,75 @@ async def _invoke(state: ServerState, request: Request, started: float) -> JSONR
     return JSONResponse(replies if is_batch else replies[0])
 
 
+async def _stream(batcher: Batcher, request: GenerationRequest, deadline: float, started: float) -> Response:
+    """The answer as server-sent events. The response starts with the first piece of text, so a request that fails
+    before it (queue full, time budget, a prompt the context cannot hold) gets its status and error envelope like
+    any other; a failure after it is the stream's last event."""
+    loop = asyncio.get_running_loop()
+    pieces: asyncio.Queue[str] = asyncio.Queue()
+    request.on_text = lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text)
+    outcome = asyncio.ensure_future(batcher.submit([request], deadline, expected=True))
+    try:
+        first = await _next_piece(pieces, outcome)
+        if first is None:
+            _result_of(outcome)  # an error before any text: raised here, answered with its status
+    except BaseException:
+        request.cancelled = True
+        outcome.cancel()
+        raise
+    return StreamingResponse(_events(first, pieces, outcome, request, started), media_type=MEDIA_TYPE,
+                             headers={"Cache-Control": "no-cache"})
+
+
+async def _events(first: str | None, pieces: asyncio.Queue, outcome: asyncio.Future, request: GenerationRequest,
+                  started: float):
+    try:
+        piece = first
+        while piece is not None:
+            yield event({"delta": piece})
+            piece = await _next_piece(pieces, outcome)
+        try:
+            result = _result_of(outcome)
+        except ApiError as e:
+            yield event(e.body())
+            return
+        except Exception:  # noqa: BLE001 - our bug: logged, and the stream still ends with an error event
+            log.exception("internal error while streaming an answer")
+            yield event(internal_error().body())
+            return
+        yield event(_reply(result, round(1000 * (time.monotonic() - started), 1)))
+    finally:  # also when the client went away: its row stops at the next token
+        request.cancelled = True
+        outcome.cancel()
+
+
+async def _next_piece(pieces: asyncio.Queue, outcome: asyncio.Future) -> str | None:
+    """The next piece of the answer, or None when the outcome is in and every piece was taken (the generation
+    thread queues a row's pieces before its outcome)."""
+    if not pieces.empty() or outcome.done():
+        return None if pieces.empty() else pieces.get_nowait()
+    getter = asyncio.ensure_future(pieces.get())
+    try:
+        await asyncio.wait({getter, outcome}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not getter.done():
+            getter.cancel()
+    if getter.done() and not getter.cancelled():
+        return getter.result()
+    return None if pieces.empty() else pieces.get_nowait()
+
+
+def _result_of(outcome: asyncio.Future) -> GenerationResult:
+    [result] = outcome.result()
+    if isinstance(result, ApiError):
+        raise result
+    return result
+
+
 async def _read_and_prepare(state: ServerState, batcher: Batcher, request: Request, deadline: float
-                            ) -> tuple[list[GenerationRequest], bool]:
+                            ) -> tuple[list[GenerationRequest], bool, bool]:
     """Check the content type, read the body and turn it into prepared GenerationRequests (+ whether it was a
-    batch), on the prepare pool."""
+    batch, and whether the answer streams), on the prepare pool."""
     cfg = state.cfg
     content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if content_type not in JSON_TYPES + IMAGE_TYPES:
@@ -199,6 +269,7 @@ async def _read_and_prepare(state: ServerState, batcher: Batcher, request: Reque
             fetched = await run_in_threadpool(_fetch_all, items, state.policy, deadline, is_batch)
         requests = await state.in_prepare_pool(_requests_from_json, items, state.policy, deadline, is_batch,
                                                batcher.predictor, fetched)
+        stream = not is_batch and items[0].stream
     else:
         attributes = parse_qsl(request.headers.get(CUSTOM_ATTRIBUTES, ""), keep_blank_values=True)
         params = parse_raw_params(request.query_params.multi_items(), attributes,
@@ -208,8 +279,8 @@ async def _read_and_prepare(state: ServerState, batcher: Batcher, request: Reque
             raise ApiError("invalid_image", "the body is empty; send the image bytes")
         prepared = await state.in_prepare_pool(_request_from_image, body, params, cfg.max_image_pixels, deadline,
                                                batcher.predictor)
-        requests, is_batch = [prepared], False
-    return requests, is_batch
+        requests, is_batch, stream = [prepared], False, params.stream
+    return requests, is_batch, stream
 
 
 # A body over the cap is still read, and thrown away, up to this size before the 413 goes out: a socket closed with

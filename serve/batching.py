@@ -44,6 +44,11 @@ class _Item:
         self.loop.call_soon_threadsafe(_set_outcome, self.future, outcome)
 
 
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()  # marks it seen: no "exception was never retrieved" at garbage collection
+
+
 def _set_outcome(future: asyncio.Future, outcome: Outcome) -> None:
     if not future.done():  # the caller may have timed out already
         future.set_result(outcome)
@@ -102,6 +107,7 @@ class Batcher:
             self._queue.extend(items)
             self._cond.notify()
         waiting = asyncio.gather(*(it.future for it in items))
+        waiting.add_done_callback(_retrieve)  # a caller that gave up (a closed stream) leaves it unawaited
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
             return await asyncio.wait_for(waiting, timeout)

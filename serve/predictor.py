@@ -24,6 +24,7 @@ from serve.accel import AccelConfig, Accelerator
 from serve.encoding import Encoder
 from serve.errors import ApiError
 from serve.model import LoadedModel
+from serve.streaming import TextStream, cut_at_stop
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,9 @@ class GenerationRequest:
     deadline: float | None = None  # time.monotonic() by which the answer is due
     cancelled: bool = field(default=False, compare=False)  # set when the caller gave up; the row stops
     inputs: dict | None = field(default=None, compare=False, repr=False)  # Predictor.prepare's processor outputs
+    # Streaming: called on the generation thread with each piece of the answer as it becomes safe to show
+    # (serve.streaming.TextStream); the pieces concatenate to the result's answer.
+    on_text: Callable[[str], None] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -269,6 +273,8 @@ class _RowTracker:
         self.deliver = deliver
         self.eos = set(predictor.loaded.eos_token_ids)
         self.done = [False] * len(rows)
+        self.streams = [TextStream(r.stop, req.on_text) if req.on_text else None
+                        for r, req in zip(rows, self.requests, strict=True)]
         # Longest tail (in tokens) that can hold a stop string: a byte-level token is at least one byte.
         self.stop_window = [4 * max((len(s) for s in r.stop), default=0) + 4 for r in rows]
 
@@ -289,6 +295,8 @@ class _RowTracker:
                 self._finish(j, input_ids[j, self.prompt_width:].tolist(), steps, "length")
             elif self.requests[j].cancelled or (self.requests[j].deadline or float("inf")) < now:
                 self._fail(j, ApiError("timeout", "generation ran past the request's time budget"))
+            elif self.streams[j] is not None:
+                self.streams[j].update(self.predictor.decode(input_ids[j, self.prompt_width:].tolist()))
         return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
 
     def finish_remaining(self, output_ids) -> None:
@@ -304,12 +312,12 @@ class _RowTracker:
 
     def _finish(self, j: int, token_ids: list[int], steps: int, reason: str) -> None:
         row = self.rows[j]
-        answer = self.predictor.decode(token_ids)
-        cut = min((answer.find(s) for s in row.stop if s in answer), default=-1)
-        if cut >= 0:
-            answer, reason = answer[:cut], "stop"
+        answer, stopped = cut_at_stop(self.predictor.decode(token_ids), row.stop)
+        answer, reason = answer.strip(), "stop" if stopped else reason
         self.done[j] = True
-        self.deliver(row.index, GenerationResult(answer=answer.strip(), prompt_tokens=row.prompt_tokens,
+        if self.streams[j] is not None:
+            self.streams[j].finish(answer)
+        self.deliver(row.index, GenerationResult(answer=answer, prompt_tokens=row.prompt_tokens,
                                                  completion_tokens=steps, finish_reason=reason))
 
     def _fail(self, j: int, error: ApiError) -> None:

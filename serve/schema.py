@@ -1,8 +1,8 @@
 """The `/invocations` wire contract: request models and their parsing into ApiErrors with readable messages.
 
     {"image": "<url | s3:// | data: | base64>", "question": "...", "temperature": 0.1, "top_p": 0.9,
-     "max_new_tokens": 64, "stop": ["\\n"]}
-    {"instances": [<the object above>, ...]}
+     "max_new_tokens": 64, "stop": ["\\n"], "stream": false}
+    {"instances": [<the object above, without "stream">, ...]}
 
 Only `image` and `question` are required; unknown fields are refused (a misspelt "max_tokens" would otherwise be
 silently ignored). For raw image bodies the same generation fields come from the query string or from
@@ -22,7 +22,7 @@ from serve.errors import ApiError, describe_validation_errors
 MAX_QUESTION_CHARS = 20_000
 MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 64
-PARAM_FIELDS = ("question", "temperature", "top_p", "max_new_tokens", "stop")
+PARAM_FIELDS = ("question", "temperature", "top_p", "max_new_tokens", "stop", "stream")
 
 
 class GenerationParams(BaseModel):
@@ -33,6 +33,7 @@ class GenerationParams(BaseModel):
     top_p: float | None = Field(default=None, gt=0, le=1)
     max_new_tokens: int | None = Field(default=None, ge=1)
     stop: list[str] | None = Field(default=None, max_length=MAX_STOP_STRINGS)
+    stream: bool = Field(default=False, description="answer as server-sent events (serve.streaming)")
 
     @field_validator("question")
     @classmethod
@@ -87,6 +88,9 @@ def parse_json_body(body: bytes, *, max_instances: int, max_new_tokens: int) -> 
     except ValidationError as e:
         raise ApiError("invalid_request", describe_validation_errors(list(e.errors()))) from None
     check_max_new_tokens(requests, max_new_tokens, batch=is_batch)
+    if is_batch and any(r.stream for r in requests):
+        raise ApiError("invalid_request", "stream: a streamed answer is for one request; send it without "
+                                          "\"instances\"")
     return requests, is_batch
 
 

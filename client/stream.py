@@ -1,0 +1,178 @@
+"""`predict_stream(image, question)`: the answer piece by piece, from a server or a SageMaker endpoint.
+
+    from client import predict_stream
+    stream = predict_stream("chart.png", "Describe the trend.", url="http://localhost:8080")
+    for piece in stream:
+        print(piece, end="", flush=True)
+    stream.reply            # the usual reply: {"answer", "usage", "finish_reason", "latency_ms"}
+
+The request asks the server for `"stream": true`, which answers with server-sent events (serve/streaming.py): the
+pieces, then the reply. Against an endpoint the call is InvokeEndpointWithResponseStream, whose PayloadPart bytes
+carry the same events. Retries (connection failures, 503) happen only before the first piece; an error after it
+(say, the server's time budget) raises ClientError from the loop.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.client
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from client.invoke import (
+    DEFAULT_URL,
+    SAGEMAKER_MAX_BODY_BYTES,
+    ClientError,
+    _runtime_client,
+    _seconds,
+    _with_retries,
+    build_payload,
+    error_from_body,
+    error_from_endpoint,
+    invocations_url,
+)
+
+READ_CHUNK = 8192
+
+
+class AnswerStream:
+    """Iterate for the answer's pieces (str); afterwards `reply` holds the server's final reply."""
+
+    def __init__(self, events: Iterator[dict[str, Any]], close: Any = None):
+        self._events = events
+        self._close = close
+        self.reply: dict[str, Any] | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            for payload in self._events:
+                if "delta" in payload:
+                    yield str(payload["delta"])
+                elif "error" in payload:
+                    err = payload["error"]
+                    raise ClientError(200, str(err.get("code", "stream_error")), str(err.get("message", "")))
+                elif isinstance(payload.get("answer"), str):
+                    self.reply = payload
+                    return
+            raise ClientError(200, "invalid_response", "the stream ended before the answer did")
+        finally:
+            if self._close is not None:
+                self._close()
+
+    @property
+    def answer(self) -> str | None:
+        return None if self.reply is None else self.reply["answer"]
+
+
+def parse_events(chunks: Iterable[bytes]) -> Iterator[dict[str, Any]]:
+    """The JSON payloads of a server-sent event stream, from byte chunks split anywhere (an HTTP body read in
+    pieces, or SageMaker's PayloadPart bytes)."""
+    buffer = b""
+    for chunk in chunks:
+        buffer += chunk
+        while b"\n\n" in buffer:
+            raw, buffer = buffer.split(b"\n\n", 1)
+            data = b"".join(line[5:].lstrip() for line in raw.split(b"\n") if line.startswith(b"data:"))
+            if data:
+                try:
+                    yield json.loads(data)
+                except ValueError:
+                    raise ClientError(200, "invalid_response", f"not a JSON event: {data[:200]!r}") from None
+
+
+def predict_stream(
+    image: Any,
+    question: str,
+    *,
+    url: str | None = None,
+    endpoint_name: str | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    max_new_tokens: int | None = None,
+    stop: list[str] | None = None,
+    timeout: float = 120.0,
+    retries: int = 3,
+    backoff: float = 0.5,
+    region: str | None = None,
+    profile: str | None = None,
+    endpoint_url: str | None = None,
+    runtime_client: Any = None,
+) -> AnswerStream:
+    """The answer to `question` about `image` as it is generated. Arguments as for `client.predict_full`;
+    `timeout` bounds each wait for the next bytes."""
+    if url and endpoint_name:
+        raise ValueError("pass either url= or endpoint_name=, not both")
+    body = json.dumps(build_payload(image, question, temperature=temperature, top_p=top_p,
+                                    max_new_tokens=max_new_tokens, stop=stop, stream=True)).encode()
+    if endpoint_name:
+        if runtime_client is None:
+            runtime_client = _runtime_client(region, profile, endpoint_url, timeout)
+        send = functools.partial(_open_endpoint_stream, runtime_client, endpoint_name, body)
+    else:
+        send = functools.partial(_open_url_stream, invocations_url(url or DEFAULT_URL), body, timeout)
+    return _with_retries(send, retries, backoff)
+
+
+def _open_url_stream(url: str, body: bytes, timeout: float) -> AnswerStream:
+    request = urllib.request.Request(url, data=body, method="POST",
+                                     headers={"Content-Type": "application/json", "Accept": "text/event-stream"})
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        error = error_from_body(e.code, e.read())
+        error.retry_after = _seconds(e.headers.get("Retry-After"))
+        raise error from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        reason = getattr(e, "reason", e)
+        if isinstance(reason, TimeoutError):
+            raise ClientError(None, "timeout", f"no answer from {url} within {timeout:g} s") from e
+        raise ClientError(None, "connection_error", f"cannot reach {url}: {reason}") from e
+    return AnswerStream(parse_events(_url_chunks(response, url, timeout)), close=response.close)
+
+
+def _url_chunks(response: Any, url: str, timeout: float) -> Iterator[bytes]:
+    try:
+        while chunk := response.read1(READ_CHUNK):
+            yield chunk
+    except TimeoutError as e:
+        raise ClientError(None, "timeout", f"{url} sent nothing for {timeout:g} s mid-answer") from e
+    except (OSError, http.client.HTTPException) as e:
+        raise ClientError(None, "connection_error", f"the stream from {url} broke: {e!r}") from e
+
+
+def _open_endpoint_stream(client: Any, endpoint_name: str, body: bytes) -> AnswerStream:
+    """InvokeEndpointWithResponseStream (not exercised by the tests: moto has no response streaming; the events it
+    carries are the server's, parsed by the same `parse_events` the HTTP path and its tests use)."""
+    from botocore.exceptions import ClientError as BotoClientError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import ReadTimeoutError
+
+    if len(body) > SAGEMAKER_MAX_BODY_BYTES:
+        raise ClientError(413, "payload_too_large", f"request body is {len(body):,} bytes; SageMaker accepts at most "
+                                                    f"{SAGEMAKER_MAX_BODY_BYTES:,} (6 MiB). Pass the image as an s3:// "
+                                                    "URI or send a smaller image.")
+    try:
+        response = client.invoke_endpoint_with_response_stream(
+            EndpointName=endpoint_name, Body=body, ContentType="application/json", Accept="text/event-stream")
+    except BotoClientError as e:
+        raise error_from_endpoint(e) from None
+    except ReadTimeoutError as e:
+        raise ClientError(None, "timeout", f"endpoint {endpoint_name!r} did not answer in time: {e}") from e
+    except BotoConnectionError as e:
+        raise ClientError(None, "connection_error", f"cannot reach SageMaker runtime: {e}") from e
+    return AnswerStream(parse_events(_payload_parts(response["Body"], endpoint_name)))
+
+
+def _payload_parts(stream: Any, endpoint_name: str) -> Iterator[bytes]:
+    from botocore.exceptions import EventStreamError
+
+    try:
+        for part in stream:
+            if "PayloadPart" in part:
+                yield part["PayloadPart"]["Bytes"]
+    except EventStreamError as e:  # ModelStreamError, InternalStreamFailure
+        code = e.response.get("Error", {}).get("Code", "stream_error")
+        raise ClientError(None, code, f"endpoint {endpoint_name!r}: {e}") from e
