@@ -2,6 +2,7 @@
 
     llava-sm predict chart.png "What is the highest value?"                       # http://localhost:8080
     llava-sm predict s3://b/c.png "Which bar is tallest?" --endpoint-name chart-qa --json
+    llava-sm predict chart.png "Describe the trend." --stream                      # print it as it is generated
 
 Prints the answer (or, with --json, the full reply with token usage and latency). A server error prints its code
 and message and exits 1.
@@ -51,6 +52,8 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("question", help="the question")
     o.add_arguments(parser, PredictOptions)
     parser.add_argument("--json", action="store_true", help="print the full JSON reply")
+    parser.add_argument("--stream", action="store_true", help="print the answer piece by piece as it is generated "
+                                                              "(with --json, the full reply after it)")
     parser.set_defaults(func=run)
 
 
@@ -58,15 +61,30 @@ def run(args: argparse.Namespace) -> int:
     from client.invoke import ClientError, predict_full
 
     opts, _ = o.resolve(PredictOptions, args, "predict")
+    kwargs = dict(url=opts.url, endpoint_name=opts.endpoint_name, temperature=opts.temperature, top_p=opts.top_p,
+                  max_new_tokens=opts.max_new_tokens, stop=opts.stop or None, timeout=opts.timeout,
+                  retries=opts.retries, region=opts.region, profile=opts.profile, endpoint_url=opts.endpoint_url)
     try:
-        result = predict_full(
-            args.image, args.question, url=opts.url, endpoint_name=opts.endpoint_name,
-            temperature=opts.temperature, top_p=opts.top_p, max_new_tokens=opts.max_new_tokens,
-            stop=opts.stop or None, timeout=opts.timeout, retries=opts.retries,
-            region=opts.region, profile=opts.profile, endpoint_url=opts.endpoint_url,
-        )
+        result = (print_stream(args.image, args.question, kwargs) if args.stream
+                  else predict_full(args.image, args.question, **kwargs))
     except (ClientError, FileNotFoundError, ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(json.dumps(result, indent=2) if args.json else result["answer"])
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif not args.stream:
+        print(result["answer"])
     return 0
+
+
+def print_stream(image: str, question: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Print the answer's pieces as they come; returns the final reply."""
+    from client.stream import predict_stream
+
+    stream = predict_stream(image, question, **kwargs)
+    try:
+        for piece in stream:
+            print(piece, end="", flush=True)
+    finally:
+        print(flush=True)  # ends the answer's line, also when the stream broke off
+    return stream.reply

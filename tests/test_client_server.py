@@ -169,6 +169,14 @@ def test_llava_sm_predict_cli(server_url, tmp_path, capsys):
     assert main(["predict", str(image), "What color?", "--url", server_url, "--max-new-tokens", "3",
                  "--temperature", "0"]) == 0
     assert capsys.readouterr().out.rstrip("\n") == reply["answer"]
+    assert main(["predict", str(image), "What color?", "--url", server_url, "--max-new-tokens", "3",
+                 "--temperature", "0", "--stream"]) == 0
+    assert capsys.readouterr().out == reply["answer"] + "\n"  # printed piece by piece, then the line ends
+    assert main(["predict", str(image), "What color?", "--url", server_url, "--max-new-tokens", "3",
+                 "--temperature", "0", "--stream", "--json"]) == 0
+    streamed_out = capsys.readouterr().out
+    assert streamed_out.startswith(reply["answer"] + "\n")
+    assert json.loads(streamed_out[len(reply["answer"]) + 1:])["answer"] == reply["answer"]
 
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png")
