@@ -1,7 +1,7 @@
 """Load generator against a running server: a concurrency sweep with a fixed prompt and image set.
 
     python -m bench.load http://127.0.0.1:8080 [--concurrency 1,4,16,64] [--requests 64] [--max-new-tokens 16]
-                         [--server-pid PID] [--out DIR] [--label NAME]
+                         [--stream] [--server-pid PID] [--out DIR] [--label NAME]
 
 For each concurrency level, that many client threads (keep-alive connections, stdlib only, so the generator
 itself costs little CPU) send a bounded number of POST /invocations (JSON: base64 chart image + question,
@@ -10,8 +10,9 @@ each reply's usage.completion_tokens), TTFT and latency p50/p99, the server's ow
 errors by status and code, and peak server RSS (sampled from /proc/PID when --server-pid is given, or psutil).
 The pinger runs in its own process, so its numbers are the server's, not the client threads' GIL queue.
 
-TTFT: the server answers non-streaming JSON, so the first byte arrives with the whole answer and TTFT here is the
-time to the response headers, i.e. the full latency minus the body transfer (~= latency). Loopback only.
+TTFT is the time to the response headers. Unstreamed, they come with the whole answer (TTFT ~= latency); with
+--stream (`"stream": true`) the server sends them with the first piece of the answer, so TTFT is the real time to
+the first token. Loopback only.
 """
 
 from __future__ import annotations
@@ -113,9 +114,21 @@ class Client:
             self.conn = None
 
 
-def make_bodies(images: list[bytes], max_new_tokens: int, question: str = QUESTION) -> list[bytes]:
+def make_bodies(images: list[bytes], max_new_tokens: int, question: str = QUESTION, *, stream: bool = False
+                ) -> list[bytes]:
+    extra = {"stream": True} if stream else {}
     return [json.dumps({"image": base64.b64encode(img).decode(), "question": question, "temperature": 0,
-                        "max_new_tokens": max_new_tokens}).encode() for img in images]
+                        "max_new_tokens": max_new_tokens, **extra}).encode() for img in images]
+
+
+def final_reply(payload: bytes) -> Any:
+    """The reply in a body: the JSON itself, or the last event of a streamed answer (client.stream's parser)."""
+    if not payload.startswith(b"data:"):
+        return json.loads(payload)
+    from client.stream import parse_events
+
+    *_, last = parse_events([payload])
+    return last
 
 
 def one_request(client: Client, body: bytes) -> Sample:
@@ -127,10 +140,10 @@ def one_request(client: Client, body: bytes) -> Sample:
         return Sample(False, 0, ms, ms, error_code=type(e).__name__)
     ms = (time.perf_counter() - start) * 1000
     try:
-        reply = json.loads(payload)
+        reply = final_reply(payload)
     except ValueError:
         return Sample(False, status, ms, first_byte * 1000, error_code="bad_json")
-    if status != 200:
+    if status != 200 or "error" in reply:
         code = reply.get("error", {}).get("code") if isinstance(reply, dict) else None
         return Sample(False, status, ms, first_byte * 1000, error_code=code)
     return Sample(True, status, ms, first_byte * 1000, completion_tokens=int(reply["usage"]["completion_tokens"]),
@@ -234,10 +247,10 @@ def default_requests(concurrency: int) -> int:
 
 
 def sweep(url: str, levels: tuple[int, ...], *, requests: int | None, max_new_tokens: int, images: int,
-          server_pid: int | None, warmup: int = 2) -> list[dict[str, Any]]:
+          server_pid: int | None, warmup: int = 2, stream: bool = False) -> list[dict[str, Any]]:
     from bench.samples import image_set
 
-    bodies = make_bodies(image_set(images), max_new_tokens)
+    bodies = make_bodies(image_set(images), max_new_tokens, stream=stream)
     run_level(url, bodies, 1, warmup, server_pid=server_pid)  # first-call costs (lazy imports, allocations)
     rows = []
     for c in levels:
@@ -266,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, help="requests per level (default max(8 x concurrency, 128))")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--images", type=int, default=4, help="size of the fixed image set (640x480 charts)")
+    parser.add_argument("--stream", action="store_true", help="ask for streamed answers: TTFT is then the time to "
+                                                              "the first piece of the answer")
     parser.add_argument("--server-pid", type=int, help="sample this process's RSS")
     parser.add_argument("--label", default="load", help="name of the JSON/markdown files")
     parser.add_argument("--out", help="write LABEL.json and LABEL.md here")
@@ -278,11 +293,12 @@ def main(argv: list[str] | None = None) -> int:
     if (args.requests is not None and args.requests < 1) or args.max_new_tokens < 1 or args.images < 1:
         parser.error("--requests, --max-new-tokens and --images must be positive")
     rows = sweep(args.url, levels, requests=args.requests, max_new_tokens=args.max_new_tokens, images=args.images,
-                 server_pid=args.server_pid)
-    md = (f"Load sweep against {args.url} (max_new_tokens={args.max_new_tokens}; TTFT = time to response headers, "
-          "= latency for this non-streaming server)\n\n" + markdown_table(rows, COLUMNS))
+                 server_pid=args.server_pid, stream=args.stream)
+    ttft = "time to the first piece (streamed)" if args.stream else "time to response headers, = latency unstreamed"
+    md = (f"Load sweep against {args.url} (max_new_tokens={args.max_new_tokens}; TTFT = {ttft})\n\n"
+          + markdown_table(rows, COLUMNS))
     write_report(args.out, args.label, {"machine": machine(), "url": args.url, "max_new_tokens": args.max_new_tokens,
-                                        "levels": rows}, md)
+                                        "stream": args.stream, "levels": rows}, md)
     return 0 if all(r["errors"] == 0 for r in rows) else 1
 
 

@@ -236,3 +236,13 @@ def test_events_split_anywhere_parse_the_same():
     for size in (1, 2, 5, len(raw)):
         chunks = [raw[i:i + size] for i in range(0, len(raw), size)]
         assert list(parse_events(chunks)) == [{"delta": "a"}, {"delta": "b\n\nc"}, {"answer": "ab\n\nc"}]
+
+
+def test_the_load_generator_times_the_first_piece_when_streamed(server, tmp_path):
+    from bench import load
+
+    assert load.main([server, "--concurrency", "1", "--requests", "6", "--max-new-tokens", "24", "--stream",
+                      "--out", str(tmp_path)]) == 0
+    [level] = json.loads((tmp_path / "load.json").read_text())["levels"]
+    assert level["ok"] == 6 and level["errors"] == 0 and level["output_tokens_per_s"] > 0
+    assert level["ttft_p50_ms"] < level["latency_p50_ms"]  # headers came with the first piece, not the answer
