@@ -189,11 +189,13 @@ async def _stream(batcher: Batcher, request: GenerationRequest, deadline: float,
     before it (queue full, time budget, a prompt the context cannot hold) gets its status and error envelope like
     any other; a failure after it is the stream's last event."""
     loop = asyncio.get_running_loop()
-    pieces: asyncio.Queue[str] = asyncio.Queue()
+    pieces: asyncio.Queue[str | None] = asyncio.Queue()  # None, last: the outcome is in
     request.on_text = lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text)
     outcome = asyncio.ensure_future(batcher.submit([request], deadline, expected=True))
+    # After every piece: the generation thread queues a row's pieces before it resolves the row.
+    outcome.add_done_callback(lambda _: pieces.put_nowait(None))
     try:
-        first = await _next_piece(pieces, outcome)
+        first = await _next_piece(pieces)
         if first is None:
             _result_of(outcome)  # an error before any text: raised here, answered with its status
     except BaseException:
@@ -210,7 +212,7 @@ async def _events(first: str | None, pieces: asyncio.Queue, outcome: asyncio.Fut
         piece = first
         while piece is not None:
             yield event({"delta": piece})
-            piece = await _next_piece(pieces, outcome)
+            piece = await _next_piece(pieces)
         try:
             result = _result_of(outcome)
         except ApiError as e:
@@ -226,20 +228,17 @@ async def _events(first: str | None, pieces: asyncio.Queue, outcome: asyncio.Fut
         outcome.cancel()
 
 
-async def _next_piece(pieces: asyncio.Queue, outcome: asyncio.Future) -> str | None:
-    """The next piece of the answer, or None when the outcome is in and every piece was taken (the generation
-    thread queues a row's pieces before its outcome)."""
-    if not pieces.empty() or outcome.done():
-        return None if pieces.empty() else pieces.get_nowait()
-    getter = asyncio.ensure_future(pieces.get())
-    try:
-        await asyncio.wait({getter, outcome}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not getter.done():
-            getter.cancel()
-    if getter.done() and not getter.cancelled():
-        return getter.result()
-    return None if pieces.empty() else pieces.get_nowait()
+async def _next_piece(pieces: asyncio.Queue) -> str | None:
+    """The answer's next text: every piece queued since the last call, joined (a busy server sends fewer, larger
+    events); None once the outcome is in."""
+    text = await pieces.get()
+    while text is not None and not pieces.empty():
+        more = pieces.get_nowait()
+        if more is None:
+            pieces.put_nowait(None)  # still the last item: the outcome comes after every piece
+            break
+        text += more
+    return text
 
 
 def _result_of(outcome: asyncio.Future) -> GenerationResult:

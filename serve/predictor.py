@@ -275,6 +275,8 @@ class _RowTracker:
         self.done = [False] * len(rows)
         self.streams = [TextStream(r.stop, req.on_text) if req.on_text else None
                         for r, req in zip(rows, self.requests, strict=True)]
+        # A streamed row's tokens so far, from each step's last column (already on the host): no extra device read.
+        self.tokens: list[list[int]] = [[] for _ in rows]
         # Longest tail (in tokens) that can hold a stop string: a byte-level token is at least one byte.
         self.stop_window = [4 * max((len(s) for s in r.stop), default=0) + 4 for r in rows]
 
@@ -296,7 +298,8 @@ class _RowTracker:
             elif self.requests[j].cancelled or (self.requests[j].deadline or float("inf")) < now:
                 self._fail(j, ApiError("timeout", "generation ran past the request's time budget"))
             elif self.streams[j] is not None:
-                self.streams[j].update(self.predictor.decode(input_ids[j, self.prompt_width:].tolist()))
+                self.tokens[j].append(last[j])
+                self.streams[j].update(self.predictor.decode(self.tokens[j]))
         return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
 
     def finish_remaining(self, output_ids) -> None:
