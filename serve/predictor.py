@@ -22,7 +22,7 @@ from typing import Any
 
 from serve.accel import AccelConfig, Accelerator
 from serve.encoding import Encoder
-from serve.errors import ApiError
+from serve.errors import ApiError, internal_error
 from serve.model import LoadedModel
 from serve.streaming import TextStream, cut_at_stop
 
@@ -299,7 +299,7 @@ class _RowTracker:
                 self._fail(j, ApiError("timeout", "generation ran past the request's time budget"))
             elif self.streams[j] is not None:
                 self.tokens[j].append(last[j])
-                self.streams[j].update(self.predictor.decode(self.tokens[j]))
+                self._stream(j, self.predictor.decode(self.tokens[j]))
         return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
 
     def finish_remaining(self, output_ids) -> None:
@@ -317,11 +317,21 @@ class _RowTracker:
         row = self.rows[j]
         answer, stopped = cut_at_stop(self.predictor.decode(token_ids), row.stop)
         answer, reason = answer.strip(), "stop" if stopped else reason
+        if self.streams[j] is not None and not self._stream(j, answer, final=True):
+            return
         self.done[j] = True
-        if self.streams[j] is not None:
-            self.streams[j].finish(answer)
         self.deliver(row.index, GenerationResult(answer=answer, prompt_tokens=row.prompt_tokens,
                                                  completion_tokens=steps, finish_reason=reason))
+
+    def _stream(self, j: int, text: str, *, final: bool = False) -> bool:
+        """Hand a streamed row its text; a caller's callback that raises fails that row only, not the batch."""
+        try:
+            (self.streams[j].finish if final else self.streams[j].update)(text)
+            return True
+        except Exception:  # noqa: BLE001 - the batch's other rows must go on
+            log.exception("streaming callback failed; failing its row")
+            self._fail(j, internal_error())
+            return False
 
     def _fail(self, j: int, error: ApiError) -> None:
         self.done[j] = True

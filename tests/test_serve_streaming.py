@@ -246,3 +246,18 @@ def test_the_load_generator_times_the_first_piece_when_streamed(server, tmp_path
     [level] = json.loads((tmp_path / "load.json").read_text())["levels"]
     assert level["ok"] == 6 and level["errors"] == 0 and level["output_tokens_per_s"] > 0
     assert level["ttft_p50_ms"] < level["latency_p50_ms"]  # headers came with the first piece, not the answer
+
+
+def test_a_streaming_callback_that_raises_fails_its_row_only(tiny_loaded, caplog):
+    from serve.errors import ApiError
+
+    def broken(_text):
+        raise RuntimeError("event loop is closed")
+
+    predictor = Predictor(tiny_loaded)
+    rows = [GenerationRequest(image=None, question=QUESTION, temperature=0, max_new_tokens=8, on_text=broken),
+            GenerationRequest(image=None, question=QUESTION, temperature=0, max_new_tokens=8)]
+    failed, answered = predictor.predict(rows)
+    assert isinstance(failed, ApiError) and failed.code == "internal_error"
+    assert isinstance(answered, GenerationResult) and answered == predictor.predict(rows[1:])[0]
+    assert "streaming callback failed" in caplog.text
