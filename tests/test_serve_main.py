@@ -16,6 +16,8 @@ import pytest
 import requests
 from serve_support import b64_png, free_port
 
+from client.stream import parse_events
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -66,6 +68,12 @@ def test_python_m_serve_on_cuda_loads_nf4_and_compiles(tiny_artifact, tmp_path):
                  "max_new_tokens": 8} for i in range(2)]})
             assert one.status_code == two.status_code == 200, (one.text, two.text)
             answers[accel] = [one.json()["answer"]] + [r["answer"] for r in two.json()]
+            # Streamed: its pieces come from the compiled path's thread, through the event loop.
+            streamed = requests.post(base + "/invocations", timeout=60, stream=True, json={
+                "image": b64_png(), "question": "What is shown?", "temperature": 0, "max_new_tokens": 8,
+                "stream": True})
+            *deltas, final = list(parse_events(streamed.iter_content(chunk_size=None)))
+            assert final["answer"] == answers[accel][0] == "".join(d["delta"] for d in deltas), final
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=60) == 0
         text = log_path.read_text()
