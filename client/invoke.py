@@ -28,6 +28,7 @@ DEFAULT_URL = "http://localhost:8080"
 SAGEMAKER_MAX_BODY_BYTES = 6 * 1024 * 1024
 RETRYABLE_CODES = frozenset({"overloaded", "not_ready"})
 MAX_BACKOFF_S = 10.0
+TIMEOUT_S, RETRIES, BACKOFF_S = 120.0, 3, 0.5  # predict's defaults
 PASS_THROUGH_PREFIXES = ("http://", "https://", "s3://", "data:")
 
 
@@ -62,9 +63,9 @@ def predict_full(
     top_p: float | None = None,
     max_new_tokens: int | None = None,
     stop: list[str] | None = None,
-    timeout: float = 120.0,
-    retries: int = 3,
-    backoff: float = 0.5,
+    timeout: float = TIMEOUT_S,
+    retries: int = RETRIES,
+    backoff: float = BACKOFF_S,
     region: str | None = None,
     profile: str | None = None,
     endpoint_url: str | None = None,
@@ -79,16 +80,31 @@ def predict_full(
     timeout: seconds to wait for the answer; retries: extra attempts after a connection failure or a 503, waiting
         backoff * 2**attempt seconds (or the server's Retry-After, if longer; at most 10 s) before each.
     """
+    return ask(image, question, url=url, endpoint_name=endpoint_name, temperature=temperature, top_p=top_p,
+               max_new_tokens=max_new_tokens, stop=stop, timeout=timeout, retries=retries, backoff=backoff,
+               region=region, profile=profile, endpoint_url=endpoint_url, runtime_client=runtime_client)
+
+
+def ask(image: Any, question: str, *, url: str | None = None, endpoint_name: str | None = None,
+        temperature: float | None = None, top_p: float | None = None, max_new_tokens: int | None = None,
+        stop: list[str] | None = None, timeout: float = TIMEOUT_S, retries: int = RETRIES, backoff: float = BACKOFF_S,
+        region: str | None = None, profile: str | None = None, endpoint_url: str | None = None,
+        runtime_client: Any = None, stream: bool = False) -> Any:
+    """One request to a server or an endpoint, with retries: the reply, or with `stream` an open
+    client.stream.AnswerStream (retries then cover only the time before its first piece)."""
     if url and endpoint_name:
         raise ValueError("pass either url= or endpoint_name=, not both")
     body = json.dumps(build_payload(image, question, temperature=temperature, top_p=top_p,
-                                    max_new_tokens=max_new_tokens, stop=stop)).encode()
+                                    max_new_tokens=max_new_tokens, stop=stop, stream=stream or None)).encode()
+    if stream:
+        from client.stream import open_endpoint_stream, open_url_stream
+    via_endpoint, via_url = (open_endpoint_stream, open_url_stream) if stream else (_invoke_endpoint, _post)
     if endpoint_name:
         if runtime_client is None:
             runtime_client = _runtime_client(region, profile, endpoint_url, timeout)
-        send = functools.partial(_invoke_endpoint, runtime_client, endpoint_name, body)
+        send = functools.partial(via_endpoint, runtime_client, endpoint_name, body)
     else:
-        send = functools.partial(_post, invocations_url(url or DEFAULT_URL), body, timeout)
+        send = functools.partial(via_url, invocations_url(url or DEFAULT_URL), body, timeout)
     return _with_retries(send, retries, backoff)
 
 
@@ -135,7 +151,7 @@ def _pil_to_png(image: Any) -> bytes:
     return buf.getvalue()
 
 
-def _with_retries(send: Any, retries: int, backoff: float) -> dict[str, Any]:
+def _with_retries(send: Any, retries: int, backoff: float) -> Any:
     """Call `send()`; retry connection failures and 503s (overloaded / not ready) with exponential backoff."""
     for attempt in range(retries + 1):
         try:
@@ -170,6 +186,13 @@ def _post(url: str, body: bytes, timeout: float) -> dict[str, Any]:
 
 
 def _invoke_endpoint(client: Any, endpoint_name: str, body: bytes) -> dict[str, Any]:
+    response = call_endpoint(client.invoke_endpoint, endpoint_name, body, accept="application/json")
+    return _parse_answer(response["Body"].read())
+
+
+def call_endpoint(method: Any, endpoint_name: str, body: bytes, *, accept: str) -> dict[str, Any]:
+    """`method` (a sagemaker-runtime InvokeEndpoint call) on `body`, checked against the 6 MiB limit before it is
+    sent; botocore's errors become ClientErrors."""
     from botocore.exceptions import ClientError as BotoClientError
     from botocore.exceptions import ConnectionError as BotoConnectionError
     from botocore.exceptions import ReadTimeoutError
@@ -181,16 +204,13 @@ def _invoke_endpoint(client: Any, endpoint_name: str, body: bytes) -> dict[str, 
             f"{SAGEMAKER_MAX_BODY_BYTES:,} (6 MiB). Pass the image as an s3:// URI or send a smaller image.",
         )
     try:
-        response = client.invoke_endpoint(
-            EndpointName=endpoint_name, Body=body, ContentType="application/json", Accept="application/json"
-        )
+        return method(EndpointName=endpoint_name, Body=body, ContentType="application/json", Accept=accept)
     except BotoClientError as e:
         raise error_from_endpoint(e) from None
     except ReadTimeoutError as e:
         raise ClientError(None, "timeout", f"endpoint {endpoint_name!r} did not answer in time: {e}") from e
     except BotoConnectionError as e:
         raise ClientError(None, "connection_error", f"cannot reach SageMaker runtime: {e}") from e
-    return _parse_answer(response["Body"].read())
 
 
 def error_from_endpoint(e: Any) -> ClientError:

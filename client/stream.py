@@ -14,7 +14,6 @@ carry the same events. Retries (connection failures, 503) happen only before the
 
 from __future__ import annotations
 
-import functools
 import http.client
 import json
 import urllib.error
@@ -22,18 +21,7 @@ import urllib.request
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from client.invoke import (
-    DEFAULT_URL,
-    SAGEMAKER_MAX_BODY_BYTES,
-    ClientError,
-    _runtime_client,
-    _seconds,
-    _with_retries,
-    build_payload,
-    error_from_body,
-    error_from_endpoint,
-    invocations_url,
-)
+from client.invoke import ClientError, _seconds, ask, call_endpoint, error_from_body
 
 READ_CHUNK = 8192
 
@@ -83,40 +71,13 @@ def parse_events(chunks: Iterable[bytes]) -> Iterator[dict[str, Any]]:
                     raise ClientError(200, "invalid_response", f"not a JSON event: {data[:200]!r}") from None
 
 
-def predict_stream(
-    image: Any,
-    question: str,
-    *,
-    url: str | None = None,
-    endpoint_name: str | None = None,
-    temperature: float | None = None,
-    top_p: float | None = None,
-    max_new_tokens: int | None = None,
-    stop: list[str] | None = None,
-    timeout: float = 120.0,
-    retries: int = 3,
-    backoff: float = 0.5,
-    region: str | None = None,
-    profile: str | None = None,
-    endpoint_url: str | None = None,
-    runtime_client: Any = None,
-) -> AnswerStream:
-    """The answer to `question` about `image` as it is generated. Arguments as for `client.predict_full`;
-    `timeout` bounds each wait for the next bytes."""
-    if url and endpoint_name:
-        raise ValueError("pass either url= or endpoint_name=, not both")
-    body = json.dumps(build_payload(image, question, temperature=temperature, top_p=top_p,
-                                    max_new_tokens=max_new_tokens, stop=stop, stream=True)).encode()
-    if endpoint_name:
-        if runtime_client is None:
-            runtime_client = _runtime_client(region, profile, endpoint_url, timeout)
-        send = functools.partial(_open_endpoint_stream, runtime_client, endpoint_name, body)
-    else:
-        send = functools.partial(_open_url_stream, invocations_url(url or DEFAULT_URL), body, timeout)
-    return _with_retries(send, retries, backoff)
+def predict_stream(image: Any, question: str, **kwargs: Any) -> AnswerStream:
+    """The answer to `question` about `image` as it is generated. Takes the same arguments as
+    `client.predict_full`; `timeout` bounds each wait for the next bytes."""
+    return ask(image, question, **kwargs, stream=True)
 
 
-def _open_url_stream(url: str, body: bytes, timeout: float) -> AnswerStream:
+def open_url_stream(url: str, body: bytes, timeout: float) -> AnswerStream:
     request = urllib.request.Request(url, data=body, method="POST",
                                      headers={"Content-Type": "application/json", "Accept": "text/event-stream"})
     try:
@@ -143,26 +104,11 @@ def _url_chunks(response: Any, url: str, timeout: float) -> Iterator[bytes]:
         raise ClientError(None, "connection_error", f"the stream from {url} broke: {e!r}") from e
 
 
-def _open_endpoint_stream(client: Any, endpoint_name: str, body: bytes) -> AnswerStream:
+def open_endpoint_stream(client: Any, endpoint_name: str, body: bytes) -> AnswerStream:
     """InvokeEndpointWithResponseStream (not exercised by the tests: moto has no response streaming; the events it
     carries are the server's, parsed by the same `parse_events` the HTTP path and its tests use)."""
-    from botocore.exceptions import ClientError as BotoClientError
-    from botocore.exceptions import ConnectionError as BotoConnectionError
-    from botocore.exceptions import ReadTimeoutError
-
-    if len(body) > SAGEMAKER_MAX_BODY_BYTES:
-        raise ClientError(413, "payload_too_large", f"request body is {len(body):,} bytes; SageMaker accepts at most "
-                                                    f"{SAGEMAKER_MAX_BODY_BYTES:,} (6 MiB). Pass the image as an s3:// "
-                                                    "URI or send a smaller image.")
-    try:
-        response = client.invoke_endpoint_with_response_stream(
-            EndpointName=endpoint_name, Body=body, ContentType="application/json", Accept="text/event-stream")
-    except BotoClientError as e:
-        raise error_from_endpoint(e) from None
-    except ReadTimeoutError as e:
-        raise ClientError(None, "timeout", f"endpoint {endpoint_name!r} did not answer in time: {e}") from e
-    except BotoConnectionError as e:
-        raise ClientError(None, "connection_error", f"cannot reach SageMaker runtime: {e}") from e
+    response = call_endpoint(client.invoke_endpoint_with_response_stream, endpoint_name, body,
+                             accept="text/event-stream")
     return AnswerStream(parse_events(_payload_parts(response["Body"], endpoint_name)))
 
 
