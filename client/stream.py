@@ -105,8 +105,8 @@ def _url_chunks(response: Any, url: str, timeout: float) -> Iterator[bytes]:
 
 
 def open_endpoint_stream(client: Any, endpoint_name: str, body: bytes) -> AnswerStream:
-    """InvokeEndpointWithResponseStream (not exercised by the tests: moto has no response streaming; the events it
-    carries are the server's, parsed by the same `parse_events` the HTTP path and its tests use)."""
+    """InvokeEndpointWithResponseStream: its PayloadPart bytes carry the server's events. (moto has no response
+    streaming; tests/test_serve_streaming.py puts a loopback stand-in for the runtime in front of a real server.)"""
     response = call_endpoint(client.invoke_endpoint_with_response_stream, endpoint_name, body,
                              accept="text/event-stream")
     return AnswerStream(parse_events(_payload_parts(response["Body"], endpoint_name)))

@@ -261,3 +261,103 @@ def test_a_streaming_callback_that_raises_fails_its_row_only(tiny_loaded, caplog
     assert isinstance(failed, ApiError) and failed.code == "internal_error"
     assert isinstance(answered, GenerationResult) and answered == predictor.predict(rows[1:])[0]
     assert "streaming callback failed" in caplog.text
+
+
+# ---- InvokeEndpointWithResponseStream: moto has none, so a loopback stand-in for the SageMaker runtime forwards
+# to the real server and answers in AWS's event-stream framing, which real botocore then parses ----
+
+
+def event_stream_frame(headers: dict[str, str], payload: bytes) -> bytes:
+    """One message of AWS's event-stream encoding: prelude (lengths + CRC), string headers, payload, CRC."""
+    import struct
+    import zlib
+
+    raw_headers = b"".join(bytes([len(k)]) + k.encode() + b"\x07" + struct.pack(">H", len(v)) + v.encode()
+                           for k, v in headers.items())
+    prelude = struct.pack(">II", 12 + len(raw_headers) + len(payload) + 4, len(raw_headers))
+    message = prelude + struct.pack(">I", zlib.crc32(prelude)) + raw_headers + payload
+    return message + struct.pack(">I", zlib.crc32(message))
+
+
+class StreamingRuntime:
+    """POST /endpoints/NAME/invocations-response-stream -> the server's /invocations. A container error comes back
+    as SageMaker's 424 ModelError; a 200 as PayloadPart events of the body's bytes as they arrive. The endpoint
+    name `broken` ends the stream with SageMaker's own ModelStreamError after the first part."""
+
+    def __init__(self, target: str):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                outer.forward(self, self.path.split("/")[2], body)
+
+        self.target = target
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def forward(self, handler, endpoint: str, body: bytes) -> None:
+        upstream = requests.post(self.target + "/invocations", data=body, stream=True, timeout=30,
+                                 headers={"Content-Type": "application/json"})
+        if upstream.status_code != 200:
+            error = json.dumps({"Message": "Received client error", "OriginalStatusCode": upstream.status_code,
+                                "OriginalMessage": upstream.text}).encode()
+            handler.send_response(424)
+            handler.send_header("x-amzn-ErrorType", "ModelError:http://internal.amazon.com/coral/")
+            handler.send_header("Content-Type", "application/json")
+            handler.send_header("Content-Length", str(len(error)))
+            handler.end_headers()
+            handler.wfile.write(error)
+            return
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/vnd.amazon.eventstream")
+        handler.send_header("Connection", "close")
+        handler.end_headers()
+        for chunk in upstream.iter_content(chunk_size=None):
+            handler.wfile.write(event_stream_frame({":message-type": "event", ":event-type": "PayloadPart",
+                                                    ":content-type": "application/octet-stream"}, chunk))
+            handler.wfile.flush()
+            if endpoint == "broken":
+                handler.wfile.write(event_stream_frame(
+                    {":message-type": "exception", ":exception-type": "ModelStreamError",
+                     ":content-type": "application/json"},
+                    json.dumps({"Message": "the model's stream broke", "ErrorCode": "StreamBroken"}).encode()))
+                break
+        handler.close_connection = True
+
+
+@pytest.fixture
+def runtime(server, moto_server):  # moto_server: for its dummy credentials and region
+    stand_in = StreamingRuntime(server)
+    yield stand_in
+    stand_in.server.shutdown()
+    stand_in.server.server_close()
+
+
+def test_an_endpoint_streams_through_invoke_endpoint_with_response_stream(server, runtime):
+    from client import ClientError, predict_full, predict_stream
+
+    image = png_bytes(colour=(90, 90, 200))
+    plain = predict_full(image, QUESTION, url=server, temperature=0, max_new_tokens=16)
+    stream = predict_stream(image, QUESTION, endpoint_name="chart-qa", endpoint_url=runtime.url,
+                            region="us-east-1", temperature=0, max_new_tokens=16)
+    assert "".join(stream) == stream.answer == plain["answer"]
+
+    with pytest.raises(ClientError) as refused:  # the container's 400, carried by SageMaker's ModelError
+        predict_stream(image, QUESTION, endpoint_name="chart-qa", endpoint_url=runtime.url, region="us-east-1",
+                       max_new_tokens=65)
+    assert (refused.value.status, refused.value.code) == (400, "invalid_request")
+
+    broken = predict_stream(image, QUESTION, endpoint_name="broken", endpoint_url=runtime.url, region="us-east-1",
+                            max_new_tokens=16)
+    with pytest.raises(ClientError) as mid:
+        list(broken)
+    assert mid.value.code == "ModelStreamError" and "stream broke" in mid.value.message
