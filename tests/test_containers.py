@@ -32,7 +32,9 @@ from container_support import (
     wait_for,
 )
 from data_helpers import write_tiny_dataset
-from serve_support import b64_png
+from serve_support import b64_png, png_bytes
+
+from client.stream import predict_stream
 
 SHARED_MARK = "# ---- end of the part shared with"
 
@@ -228,6 +230,8 @@ def test_serving_image_answers_over_the_published_port_and_stops_cleanly(engine,
         assert answer.status_code == 200, answer.text
         body = answer.json()
         assert isinstance(body["answer"], str) and 1 <= body["usage"]["completion_tokens"] <= 4
+        streamed = predict_stream(png_bytes(), "What is shown?", url=base, temperature=0, max_new_tokens=4)
+        assert "".join(streamed) == streamed.answer == body["answer"]  # chunked events through the port mapping
         bad = requests.post(base + "/invocations", data=b"{not json", timeout=30,
                             headers={"Content-Type": "application/json"})
         assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
