@@ -202,8 +202,9 @@ async def _stream(batcher: Batcher, request: GenerationRequest, deadline: float,
         request.cancelled = True
         outcome.cancel()
         raise
+    # X-Accel-Buffering: a reverse proxy (nginx) in front of `docker run` would otherwise hold the events back.
     return StreamingResponse(_events(first, pieces, outcome, request, started), media_type=MEDIA_TYPE,
-                             headers={"Cache-Control": "no-cache"})
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 async def _events(first: str | None, pieces: asyncio.Queue, outcome: asyncio.Future, request: GenerationRequest,
