@@ -174,7 +174,7 @@ async def _invoke(state: ServerState, request: Request, started: float) -> Respo
         batcher.withdraw()
         raise
     if stream:
-        return await _stream(batcher, requests[0], deadline, started)
+        return await _stream(batcher, requests[0], deadline, started, request.scope["state"].get("request_id"))
     outcomes = await batcher.submit(requests, deadline, expected=True)
     for outcome in outcomes:
         if isinstance(outcome, ApiError):
@@ -184,7 +184,8 @@ async def _invoke(state: ServerState, request: Request, started: float) -> Respo
     return JSONResponse(replies if is_batch else replies[0])
 
 
-async def _stream(batcher: Batcher, request: GenerationRequest, deadline: float, started: float) -> Response:
+async def _stream(batcher: Batcher, request: GenerationRequest, deadline: float, started: float,
+                  request_id: str | None) -> Response:
     """The answer as server-sent events. The response starts with the first piece of text, so a request that fails
     before it (queue full, time budget, a prompt the context cannot hold) gets its status and error envelope like
     any other; a failure after it is the stream's last event."""
@@ -203,12 +204,14 @@ async def _stream(batcher: Batcher, request: GenerationRequest, deadline: float,
         outcome.cancel()
         raise
     # X-Accel-Buffering: a reverse proxy (nginx) in front of `docker run` would otherwise hold the events back.
-    return StreamingResponse(_events(first, pieces, outcome, request, started), media_type=MEDIA_TYPE,
+    return StreamingResponse(_events(first, pieces, outcome, request, started, request_id), media_type=MEDIA_TYPE,
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 async def _events(first: str | None, pieces: asyncio.Queue, outcome: asyncio.Future, request: GenerationRequest,
-                  started: float):
+                  started: float, request_id: str | None):
+    """The events of one streamed answer. Its access log line says 200 (the status went out with the first piece),
+    so an error event is logged here too, with the request id."""
     try:
         piece = first
         while piece is not None:
@@ -217,10 +220,11 @@ async def _events(first: str | None, pieces: asyncio.Queue, outcome: asyncio.Fut
         try:
             result = _result_of(outcome)
         except ApiError as e:
+            log.warning("request %s: the stream ended with %s (%s)", request_id, e.code, e.message)
             yield event(e.body())
             return
         except Exception:  # noqa: BLE001 - our bug: logged, and the stream still ends with an error event
-            log.exception("internal error while streaming an answer")
+            log.exception("request %s: internal error while streaming an answer", request_id)
             yield event(internal_error().body())
             return
         yield event(_reply(result, round(1000 * (time.monotonic() - started), 1)))
