@@ -20,6 +20,8 @@ import os
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -165,12 +167,25 @@ def _with_retries(send: Any, retries: int, backoff: float) -> Any:
 
 
 def _post(url: str, body: bytes, timeout: float) -> dict[str, Any]:
-    request = urllib.request.Request(
-        url, data=body, method="POST", headers={"Content-Type": "application/json", "Accept": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+    with http_errors(url, timeout):
+        with post_json(url, body, timeout, accept="application/json") as response:
             return _parse_answer(response.read())
+
+
+def post_json(url: str, body: bytes, timeout: float, *, accept: str) -> Any:
+    """POST `body` as JSON; the open response (urllib), or the server's error as a ClientError."""
+    request = urllib.request.Request(url, data=body, method="POST",
+                                     headers={"Content-Type": "application/json", "Accept": accept})
+    with http_errors(url, timeout):
+        return urllib.request.urlopen(request, timeout=timeout)
+
+
+@contextmanager
+def http_errors(url: str, timeout: float) -> Iterator[None]:
+    """urllib's failures as ClientErrors: the server's error body with its code (and Retry-After), a timeout, or a
+    connection error (refused, reset, or the server vanished mid-answer)."""
+    try:
+        yield
     except urllib.error.HTTPError as e:
         error = error_from_body(e.code, e.read())
         error.retry_after = _seconds(e.headers.get("Retry-After"))
@@ -181,7 +196,7 @@ def _post(url: str, body: bytes, timeout: float) -> dict[str, Any]:
         if isinstance(e.reason, TimeoutError):
             raise ClientError(None, "timeout", f"no answer from {url} within {timeout:g} s") from e
         raise ClientError(None, "connection_error", f"cannot reach {url}: {e.reason}") from e
-    except (OSError, http.client.HTTPException) as e:  # refused, reset, or the server vanished mid-answer
+    except (OSError, http.client.HTTPException) as e:
         raise ClientError(None, "connection_error", f"cannot reach {url}: {e!r}") from e
 
 

@@ -14,14 +14,11 @@ carry the same events. Retries (connection failures, 503) happen only before the
 
 from __future__ import annotations
 
-import http.client
 import json
-import urllib.error
-import urllib.request
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from client.invoke import ClientError, _seconds, ask, call_endpoint, error_from_body
+from client.invoke import ClientError, ask, call_endpoint, http_errors, post_json
 
 READ_CHUNK = 8192
 
@@ -78,30 +75,14 @@ def predict_stream(image: Any, question: str, **kwargs: Any) -> AnswerStream:
 
 
 def open_url_stream(url: str, body: bytes, timeout: float) -> AnswerStream:
-    request = urllib.request.Request(url, data=body, method="POST",
-                                     headers={"Content-Type": "application/json", "Accept": "text/event-stream"})
-    try:
-        response = urllib.request.urlopen(request, timeout=timeout)
-    except urllib.error.HTTPError as e:
-        error = error_from_body(e.code, e.read())
-        error.retry_after = _seconds(e.headers.get("Retry-After"))
-        raise error from None
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-        reason = getattr(e, "reason", e)
-        if isinstance(reason, TimeoutError):
-            raise ClientError(None, "timeout", f"no answer from {url} within {timeout:g} s") from e
-        raise ClientError(None, "connection_error", f"cannot reach {url}: {reason}") from e
+    response = post_json(url, body, timeout, accept="text/event-stream")
     return AnswerStream(parse_events(_url_chunks(response, url, timeout)), close=response.close)
 
 
 def _url_chunks(response: Any, url: str, timeout: float) -> Iterator[bytes]:
-    try:
+    with http_errors(url, timeout):
         while chunk := response.read1(READ_CHUNK):
             yield chunk
-    except TimeoutError as e:
-        raise ClientError(None, "timeout", f"{url} sent nothing for {timeout:g} s mid-answer") from e
-    except (OSError, http.client.HTTPException) as e:
-        raise ClientError(None, "connection_error", f"the stream from {url} broke: {e!r}") from e
 
 
 def open_endpoint_stream(client: Any, endpoint_name: str, body: bytes) -> AnswerStream:
