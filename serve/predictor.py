@@ -6,7 +6,8 @@
 Each row keeps its own parameters inside the shared batch: temperature 0 is greedy (exactly the argmax, so a row
 answers the same alone or batched), temperature > 0 samples with that row's temperature and top_p;
 max_new_tokens, stop strings and the deadline are checked per row after every token. A row that finishes is
-handed to `on_result` at once, so callers of short answers do not wait for the longest row. A row that cannot be
+handed to `on_result` at once, so callers of short answers do not wait for the longest row; a request with
+`on_text` also gets its answer's pieces while it is generated (serve.streaming). A row that cannot be
 prepared (a prompt longer than the model's context) fails alone; the others still run.
 Prompts render with the chat template from the model dir (serve.encoding) and pad on the left.
 """
