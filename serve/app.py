@@ -7,9 +7,9 @@
                                 image/webp, application/x-image) with the question in ?question= or in
                                 X-Amzn-SageMaker-Custom-Attributes
                                 -> {"answer", "usage": {"prompt_tokens", "completion_tokens"}, "finish_reason",
-                                    "latency_ms"} (a list of those for "instances"); with "stream": true (or
-                                ?stream=true), text/event-stream: the answer's pieces, then that object
-                                (serve/streaming.py)
+                                    "latency_ms"} (serve.schema.reply_body; a list of those for "instances");
+                                with "stream": true (or ?stream=true), text/event-stream: the answer's pieces,
+                                then that object (serve.streaming.stream_answer)
     GET  /execution-parameters  what batch transform should send (SINGLE_RECORD, our payload cap)
 
 The model loads on a background thread after the socket is listening (SageMaker wants the socket within 250 ms and
@@ -38,15 +38,15 @@ from urllib.parse import parse_qsl
 
 from fastapi import FastAPI, Request
 from starlette.requests import ClientDisconnect
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from serve.batching import Batcher
 from serve.config import MiB, ServeConfig
 from serve.errors import ApiError, error_response, internal_error, register_error_handlers
 from serve.images import ImagePolicy, decode_image, image_bytes, is_remote
-from serve.predictor import GenerationRequest, GenerationResult
-from serve.schema import GenerationParams, parse_json_body, parse_raw_params
-from serve.streaming import MEDIA_TYPE, event
+from serve.predictor import GenerationRequest
+from serve.schema import GenerationParams, parse_json_body, parse_raw_params, reply_body
+from serve.streaming import stream_answer
 
 log = logging.getLogger(__name__)
 
@@ -174,83 +174,15 @@ async def _invoke(state: ServerState, request: Request, started: float) -> Respo
         batcher.withdraw()
         raise
     if stream:
-        return await _stream(batcher, requests[0], deadline, started, request.scope["state"].get("request_id"))
+        return await stream_answer(batcher, requests[0], deadline, started,
+                                   request.scope["state"].get("request_id"))
     outcomes = await batcher.submit(requests, deadline, expected=True)
     for outcome in outcomes:
         if isinstance(outcome, ApiError):
             raise outcome
     latency_ms = round(1000 * (time.monotonic() - started), 1)
-    replies = [_reply(o, latency_ms) for o in outcomes]
+    replies = [reply_body(o, latency_ms) for o in outcomes]
     return JSONResponse(replies if is_batch else replies[0])
-
-
-async def _stream(batcher: Batcher, request: GenerationRequest, deadline: float, started: float,
-                  request_id: str | None) -> Response:
-    """The answer as server-sent events. The response starts with the first piece of text, so a request that fails
-    before it (queue full, time budget, a prompt the context cannot hold) gets its status and error envelope like
-    any other; a failure after it is the stream's last event."""
-    loop = asyncio.get_running_loop()
-    pieces: asyncio.Queue[str | None] = asyncio.Queue()  # None, last: the outcome is in
-    request.on_text = lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text)
-    outcome = asyncio.ensure_future(batcher.submit([request], deadline, expected=True))
-    # After every piece: the generation thread queues a row's pieces before it resolves the row.
-    outcome.add_done_callback(lambda _: pieces.put_nowait(None))
-    try:
-        first = await _next_piece(pieces)
-        if first is None:
-            _result_of(outcome)  # an error before any text: raised here, answered with its status
-    except BaseException:
-        request.cancelled = True
-        outcome.cancel()
-        raise
-    # X-Accel-Buffering: a reverse proxy (nginx) in front of `docker run` would otherwise hold the events back.
-    return StreamingResponse(_events(first, pieces, outcome, request, started, request_id), media_type=MEDIA_TYPE,
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-async def _events(first: str | None, pieces: asyncio.Queue, outcome: asyncio.Future, request: GenerationRequest,
-                  started: float, request_id: str | None):
-    """The events of one streamed answer. Its access log line says 200 (the status went out with the first piece),
-    so an error event is logged here too, with the request id."""
-    try:
-        piece = first
-        while piece is not None:
-            yield event({"delta": piece})
-            piece = await _next_piece(pieces)
-        try:
-            result = _result_of(outcome)
-        except ApiError as e:
-            log.warning("request %s: the stream ended with %s (%s)", request_id, e.code, e.message)
-            yield event(e.body())
-            return
-        except Exception:  # noqa: BLE001 - our bug: logged, and the stream still ends with an error event
-            log.exception("request %s: internal error while streaming an answer", request_id)
-            yield event(internal_error().body())
-            return
-        yield event(_reply(result, round(1000 * (time.monotonic() - started), 1)))
-    finally:  # also when the client went away: its row stops at the next token
-        request.cancelled = True
-        outcome.cancel()
-
-
-async def _next_piece(pieces: asyncio.Queue) -> str | None:
-    """The answer's next text: every piece queued since the last call, joined (a busy server sends fewer, larger
-    events); None once the outcome is in."""
-    text = await pieces.get()
-    while text is not None and not pieces.empty():
-        more = pieces.get_nowait()
-        if more is None:
-            pieces.put_nowait(None)  # still the last item: the outcome comes after every piece
-            break
-        text += more
-    return text
-
-
-def _result_of(outcome: asyncio.Future) -> GenerationResult:
-    [result] = outcome.result()
-    if isinstance(result, ApiError):
-        raise result
-    return result
 
 
 async def _read_and_prepare(state: ServerState, batcher: Batcher, request: Request, deadline: float
@@ -377,12 +309,6 @@ def _generation_request(params: GenerationParams, image: Any, deadline: float) -
     return GenerationRequest(image=image, question=params.question, temperature=params.temperature,
                              top_p=params.top_p, max_new_tokens=params.max_new_tokens,
                              stop=tuple(params.stop or ()), deadline=deadline)
-
-
-def _reply(result: GenerationResult, latency_ms: float) -> dict[str, Any]:
-    return {"answer": result.answer,
-            "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
-            "finish_reason": result.finish_reason, "latency_ms": latency_ms}
 
 
 class RequestLogMiddleware:

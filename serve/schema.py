@@ -1,4 +1,5 @@
-"""The `/invocations` wire contract: request models and their parsing into ApiErrors with readable messages.
+"""The `/invocations` wire contract: request models and their parsing into ApiErrors with readable messages,
+and the reply (`reply_body`).
 
     {"image": "<url | s3:// | data: | base64>", "question": "...", "temperature": 0.1, "top_p": 0.9,
      "max_new_tokens": 64, "stop": ["\\n"], "stream": false}
@@ -13,11 +14,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from serve.errors import ApiError, describe_validation_errors
+
+if TYPE_CHECKING:
+    from serve.predictor import GenerationResult
 
 MAX_QUESTION_CHARS = 20_000
 MAX_STOP_STRINGS = 8
@@ -124,3 +128,10 @@ def check_max_new_tokens(requests: list[Any], cap: int, *, batch: bool = False) 
         if req.max_new_tokens is not None and req.max_new_tokens > cap:
             where = f"instances.{i}.max_new_tokens" if batch else "max_new_tokens"
             raise ApiError("invalid_request", f"{where}: {req.max_new_tokens} is over this server's cap of {cap}")
+
+
+def reply_body(result: GenerationResult, latency_ms: float) -> dict[str, Any]:
+    """One answer as the client gets it (alone, in a list for "instances", or as a stream's last event)."""
+    return {"answer": result.answer,
+            "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
+            "finish_reason": result.finish_reason, "latency_ms": latency_ms}
