@@ -3,11 +3,9 @@
     python -m bench.gpu [--new-tokens 64] [--requests 32] [--out DIR] [--work-dir DIR]
     python -m bench.gpu --tiny            # a tiny model on whatever device there is, for the test suite
 
-Builds the model from config only (no hub): CLIP ViT-L/14-336 vision tower, Vicuna-7B text model (vocab 32064),
-2-layer GELU projector; random bf16 weights; a byte-level BPE tokenizer trained offline (its few hundred tokens
-are all the prompts need; ids past it decode to nothing, which does not matter for speed). Saves it with
-train.artifact.save_artifact, loads it with serve.model.load_artifact(quantization="nf4"), and measures in one
-run, on one 1600x1200 chart image and one question:
+Builds the model from config only (no hub; bench/model7b.py), saved with train.artifact.save_artifact. Loads it
+with serve.model.load_artifact(quantization="nf4") and measures in one run, on one 1600x1200 chart image and one
+question:
 
 - batch-1 decode tokens/s, eager `generate` vs serve.accel (static cache + torch.compile, buckets): the first
   accelerated call compiles (its time is reported), the timed ones replay; target: >= 3x;
@@ -34,62 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from bench.load import QUESTION
+from bench.model7b import build_7b_artifact
 from bench.preprocess import decode
 from bench.report import fmt, machine, markdown_table, write_report
 
 # --phases; decode runs as decode-eager + decode-accel; server-accel-long is server-accel with --long-tokens answers
 PHASES = ("decode", "ttft", "server-eager", "server-accel", "server-accel-long")
 TARGETS = {"decode_speedup": 3.0, "batched_speedup": 10.0, "ttft_p50_ms": 150.0}
-
-
-def llava15_7b_config(image_token_index: int, pad_token_id: int, bos: int, eos: int):
-    """LLaVA-1.5-7B's architecture (llava-hf/llava-1.5-7b-hf config), without downloading anything."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
-    text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
-                       rms_norm_eps=1e-5, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad_token_id,
-                       tie_word_embeddings=False)
-    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token_index,
-                       image_seq_length=576, vision_feature_select_strategy="default", vision_feature_layer=-2,
-                       projector_hidden_act="gelu", pad_token_id=pad_token_id)
-
-
-def build_7b_artifact(out_dir: Path, device: str) -> Path:
-    """Random bf16 LLaVA-1.5-7B-shaped model + offline tokenizer/processor, saved as a training run saves one."""
-    import torch
-    from transformers import LlavaForConditionalGeneration
-
-    from bench.preprocess import llava15_processor
-    from train.artifact import save_artifact
-    from train.tiny import DEFAULT_CORPUS, train_tokenizer
-
-    processor = llava15_processor(train_tokenizer(DEFAULT_CORPUS + [QUESTION], vocab_size=32064))
-    tokenizer = processor.tokenizer
-    config = llava15_7b_config(tokenizer.convert_tokens_to_ids("<image>"), tokenizer.pad_token_id,
-                               tokenizer.bos_token_id, tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # 13.5 GB instead of 27 GB while building
-    try:
-        with torch.device(device):
-            model = LlavaForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(previous)
-    path = save_artifact(out_dir, model, processor, generation_defaults={"max_new_tokens": 64},
-                         training_config={"made_by": "bench.gpu", "shape": "llava-1.5-7b", "weights": "random"})
-    del model
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    return path
-
-
-def build_tiny(out_dir: Path) -> Path:
-    from train.tiny import build_tiny_artifact
-
-    return build_tiny_artifact(out_dir, "test")
 
 
 def sync(device: str) -> None:
@@ -297,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     from serve.accel import AccelConfig
     from serve.app import freeze_startup_heap
     from serve.model import load_artifact
+    from train.tiny import build_tiny_artifact
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if not args.tiny and device == "cpu":
@@ -311,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     png = encode(chart, "PNG")
     with tempfile.TemporaryDirectory(prefix="bench-gpu-", dir=args.work_dir) as tmp:
         started = time.perf_counter()
-        path = build_tiny(Path(tmp) / "m") if args.tiny else build_7b_artifact(Path(tmp) / "m", device)
+        path = build_tiny_artifact(Path(tmp) / "m") if args.tiny else build_7b_artifact(Path(tmp) / "m", device)
         built_s = time.perf_counter() - started
         print(f"[bench.gpu] {time.strftime('%H:%M:%S')} built in {built_s:.0f} s; loading", flush=True)
         loaded = load_artifact(path, quantization=quantization, device=device)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from bench import gpu, load, preprocess, run_cpu
+from bench import gpu, load, model7b, preprocess, run_cpu
 from bench.report import markdown_table, percentile
 
 
@@ -102,7 +102,7 @@ def test_gpu_script_refuses_7b_run_without_cuda():
 
 
 def test_7b_config_has_llava15_shape():
-    config = gpu.llava15_7b_config(image_token_index=4, pad_token_id=3, bos=1, eos=2)
+    config = model7b.llava15_7b_config(image_token_index=4, pad_token_id=3, bos=1, eos=2)
     text, vision = config.text_config, config.vision_config
     assert (text.hidden_size, text.num_hidden_layers, text.intermediate_size, text.vocab_size) == (4096, 32, 11008,
                                                                                                    32064)
