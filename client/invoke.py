@@ -98,9 +98,11 @@ def ask(image: Any, question: str, *, url: str | None = None, endpoint_name: str
         raise ValueError("pass either url= or endpoint_name=, not both")
     body = json.dumps(build_payload(image, question, temperature=temperature, top_p=top_p,
                                     max_new_tokens=max_new_tokens, stop=stop, stream=stream or None)).encode()
-    if stream:
-        from client.stream import open_endpoint_stream, open_url_stream
-    via_endpoint, via_url = (open_endpoint_stream, open_url_stream) if stream else (_invoke_endpoint, _post)
+    if stream:  # client.stream imports this module: imported here, when first needed
+        from client.stream import open_endpoint_stream as via_endpoint
+        from client.stream import open_url_stream as via_url
+    else:
+        via_endpoint, via_url = _invoke_endpoint, _post
     if endpoint_name:
         if runtime_client is None:
             runtime_client = _runtime_client(region, profile, endpoint_url, timeout)
