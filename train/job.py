@@ -15,6 +15,7 @@ from typing import Any
 
 from train.config import ConfigError, TrainConfig
 from train.data import DataError, load_examples
+from train.modeling import ampere_or_newer
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def prepare_runtime(cfg: TrainConfig) -> dict[str, Any]:
     if problem:
         raise ConfigError([problem])
     tf32 = cfg.tf32
-    if tf32 and not (capability and capability[0] >= 8):
+    if tf32 and not ampere_or_newer(capability):
         log.warning("--tf32 True ignored: it needs an Ampere or newer GPU")
         tf32 = None
     check_trackers(cfg)
@@ -89,7 +90,7 @@ def prepare_runtime(cfg: TrainConfig) -> dict[str, Any]:
 def bf16_problem(bf16: bool, capability: tuple[int, int] | None, gpu: str | None) -> str | None:
     """--bf16 True on a GPU older than Ampere (the T4 of ml.g4dn, the V100 of ml.p3): torch would emulate bf16, slowly,
     and bitsandbytes' and DeepSpeed's kernels may not take it; refused before any weights load. (On CPU bf16 runs.)"""
-    if not bf16 or capability is None or capability[0] >= 8:
+    if not bf16 or capability is None or ampere_or_newer(capability):  # None: CPU, where bf16 runs
         return None
     return (f"--bf16 True needs a GPU with bf16 (compute capability 8.0+, e.g. A10G, L4, A100, H100); this {gpu} has "
             f"{capability[0]}.{capability[1]}: use --fp16 True")

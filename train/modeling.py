@@ -93,6 +93,11 @@ def _vision_tower_problems(name: str, vision_config: Any) -> list[str]:
     return []
 
 
+def ampere_or_newer(capability: tuple[int, int] | None) -> bool:
+    """A GPU of compute capability 8.0+ (A10G, L4, A100, H100): native bf16 and tf32. None: no GPU."""
+    return capability is not None and capability[0] >= 8
+
+
 def compute_dtype(cfg: TrainConfig, *, cuda: bool) -> Any:
     import torch
 
@@ -103,7 +108,7 @@ def compute_dtype(cfg: TrainConfig, *, cuda: bool) -> Any:
     if not (cuda and cfg.bits == 4):
         return torch.float32  # CPUs compute in fp32
     # QLoRA's usual compute dtype on a GPU without explicit precision flags; fp16 before Ampere (no native bf16).
-    return torch.bfloat16 if torch.cuda.get_device_capability()[0] >= 8 else torch.float16
+    return torch.bfloat16 if ampere_or_newer(torch.cuda.get_device_capability()) else torch.float16
 
 
 def quantization_config(cfg: TrainConfig, *, cuda: bool) -> Any:
