@@ -162,10 +162,11 @@ def blank_png(size: int = 336, grey: int = BLANK_GREY) -> bytes:
 
 def local_answerer(opts: EvalOptions, errors: list[str]) -> Answerer:
     """Batched greedy answers from a model dir, loaded and decoded exactly as the server does."""
-    from serve.errors import ApiError
-    from serve.images import decode_image
-    from serve.model import ModelLoadError, load_artifact
-    from serve.predictor import GenerationRequest, Predictor
+    from serve.engine.errors import ApiError
+    from serve.engine.images import decode_image
+    from serve.engine.model import ModelLoadError, load_artifact
+    from serve.engine.predictor import Predictor
+    from serve.engine.types import GenerationRequest
 
     try:
         predictor = Predictor(load_artifact(opts.model_dir, quantization=opts.quantization, device=opts.device))

@@ -6,7 +6,7 @@
         print(piece, end="", flush=True)
     stream.reply            # the usual reply: {"answer", "usage", "finish_reason", "latency_ms"}
 
-The request asks the server for `"stream": true`, which answers with server-sent events (serve/streaming.py): the
+The request asks the server for `"stream": true`, which answers with server-sent events (serve/http/sse.py): the
 pieces, then the reply. Against an endpoint the call is InvokeEndpointWithResponseStream, whose PayloadPart bytes
 carry the same events. Retries (connection failures, 503) happen only before the first piece; an error after it
 (say, the server's time budget) raises ClientError from the loop.

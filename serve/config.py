@@ -16,11 +16,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-# serve.accel imports only the stdlib at import time, and this module lazily (AccelConfig.from_env): no cycle.
-from serve.accel import AccelConfig, buckets_up_to
+# The engine modules import only the stdlib at import time: reading the config pulls in no torch.
+from serve.engine.accel import AccelConfig, buckets_up_to
+from serve.engine.model import QUANTIZATIONS
 
 MiB = 1024 * 1024
-QUANTIZATIONS = ("auto", "nf4", "bf16", "fp16", "none")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 ACCEL_MODES = ("auto", "on", "off")
 
@@ -60,8 +60,8 @@ class ServeConfig:
     torch_threads: int = 0  # torch CPU threads; 0 keeps torch's default (1 is best on small shared CPU hosts)
     prepare_threads: int = 0  # threads decoding images + preparing inputs; 0 = CPU cores - 1 (at least 2)
     log_level: str = "INFO"
-    # CUDA decode speed-ups (serve/accel.py): parsed here so a bad value stops start-up like any other variable
-    # (defaults are AccelConfig's, so the server and library callers of serve.accel start from the same values)
+    # CUDA decode speed-ups (serve/engine/accel.py): parsed here so a bad value stops start-up like any other variable
+    # (defaults are AccelConfig's, so the server and library callers of serve.engine.accel start from the same values)
     accel_mode: str = _ACCEL.mode  # auto = on with CUDA, off on CPU
     accel_batch_buckets: tuple[int, ...] = _ACCEL.batch_buckets
     accel_cache_bucket: int = _ACCEL.cache_bucket
@@ -78,8 +78,8 @@ class ServeConfig:
         return cls(**values)
 
     def accel_config(self) -> AccelConfig:
-        """The `serve.accel.AccelConfig` these settings describe, with only the batch buckets that a batch of at most
-        SERVE_MAX_BATCH_SIZE rows can use (the others would only lengthen the start-up's warm-up)."""
+        """The `serve.engine.accel.AccelConfig` these settings describe, with only the batch buckets that a batch
+        of at most SERVE_MAX_BATCH_SIZE rows can use (the others would only lengthen the start-up's warm-up)."""
         values = {name: getattr(self, name) for name in ACCEL_FIELDS}
         values["accel_batch_buckets"] = buckets_up_to(self.max_batch_size, self.accel_batch_buckets)
         return accel_config_of(values)

@@ -309,8 +309,8 @@ def test_training_image_trains_and_leaves_a_servable_merged_model(engine, images
 
     from PIL import Image
 
-    from serve.model import load_artifact
-    from serve.predictor import GenerationRequest, GenerationResult, Predictor
+    from serve.engine.model import load_artifact
+    from serve.engine.predictor import GenerationRequest, GenerationResult, Predictor
 
     loaded = load_artifact(model, quantization="none", device="cpu")
     image = Image.open(data.parent / "images" / "img_0.png").convert("RGB")

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from serve_support import free_port
 
-from serve.accel import AccelConfig
 from serve.config import ENV_VARS, ConfigError, ServeConfig
+from serve.engine.accel import AccelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ def test_every_variable_is_read():
 
 
 def test_only_the_batch_buckets_a_batch_can_reach_are_compiled():
-    from serve.accel import DEFAULT_BATCH_BUCKETS, buckets_up_to
+    from serve.engine.accel import DEFAULT_BATCH_BUCKETS, buckets_up_to
 
     assert buckets_up_to(8, DEFAULT_BATCH_BUCKETS) == (1, 2, 4, 8)
     assert buckets_up_to(10, DEFAULT_BATCH_BUCKETS) == (1, 2, 4, 8, 16)  # 9-10 rows pad to 16

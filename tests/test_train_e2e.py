@@ -86,8 +86,9 @@ def test_merged_greedy_output_equals_base_plus_adapter(lora_run):
 def test_merged_dir_loads_and_answers_in_the_server(lora_run):
     from PIL import Image
 
-    from serve.model import load_artifact
-    from serve.predictor import GenerationRequest, GenerationResult, Predictor
+    from serve.engine.model import load_artifact
+    from serve.engine.predictor import Predictor
+    from serve.engine.types import GenerationRequest, GenerationResult
 
     loaded = load_artifact(lora_run["out"], quantization="none", device="cpu")
     image = Image.open(lora_run["images"] / "img_0.png").convert("RGB")

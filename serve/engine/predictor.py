@@ -7,9 +7,9 @@ Each row keeps its own parameters inside the shared batch: temperature 0 is gree
 answers the same alone or batched), temperature > 0 samples with that row's temperature and top_p;
 max_new_tokens, stop strings and the deadline are checked per row after every token. A row that finishes is
 handed to `on_result` at once, so callers of short answers do not wait for the longest row; a request with
-`on_text` also gets its answer's pieces while it is generated (serve.streaming). A row that cannot be
+`on_text` also gets its answer's pieces while it is generated (serve.engine.textstream). A row that cannot be
 prepared (a prompt longer than the model's context) fails alone; the others still run.
-Prompts render with the chat template from the model dir (serve.encoding) and pad on the left.
+Prompts render with the chat template from the model dir (serve.engine.encoding) and pad on the left.
 """
 
 from __future__ import annotations
@@ -17,48 +17,21 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from serve.accel import AccelConfig, Accelerator
-from serve.encoding import Encoder
-from serve.errors import ApiError, internal_error
-from serve.model import LoadedModel
-from serve.streaming import TextStream, cut_at_stop
+from serve.engine.accel import AccelConfig, Accelerator
+from serve.engine.encoding import Encoder
+from serve.engine.errors import ApiError, internal_error
+from serve.engine.model import LoadedModel
+from serve.engine.textstream import TextStream, cut_at_stop
+from serve.engine.types import GenerationRequest, GenerationResult, OnResult, Outcome
 
 log = logging.getLogger(__name__)
 
 # Keys of processor outputs that are per-token sequences (padded on the left); every other tensor is per image.
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
-
-
-@dataclass
-class GenerationRequest:
-    image: Any  # a PIL RGB image (serve.images decodes it), or None for a text-only question
-    question: str
-    temperature: float | None = None  # None: the artifact's default; 0: greedy
-    top_p: float | None = None
-    max_new_tokens: int | None = None
-    stop: Sequence[str] = ()
-    deadline: float | None = None  # time.monotonic() by which the answer is due
-    cancelled: bool = field(default=False, compare=False)  # set when the caller gave up; the row stops
-    inputs: dict | None = field(default=None, compare=False, repr=False)  # Predictor.prepare's processor outputs
-    # Streaming: called on the generation thread with each piece of the answer as it becomes safe to show
-    # (serve.streaming.TextStream); the pieces concatenate to the result's answer.
-    on_text: Callable[[str], None] | None = field(default=None, compare=False, repr=False)
-
-
-@dataclass
-class GenerationResult:
-    answer: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str  # "stop" (end of sequence or a stop string) or "length"
-
-
-Outcome = GenerationResult | ApiError
-OnResult = Callable[[int, Outcome], None]
 
 
 @dataclass(frozen=True)
@@ -79,8 +52,8 @@ class Predictor:
 
     def __init__(self, loaded: LoadedModel, *, max_new_tokens_cap: int = 1024, accel: AccelConfig | None = None):
         self.loaded = loaded
-        # Static cache + compiled decode on CUDA (serve/accel.py); SERVE_ACCEL=off keeps plain eager generate.
-        self.accel = Accelerator(loaded.model, accel or AccelConfig.from_env(), device=loaded.device)
+        # Static cache + compiled decode on CUDA (serve/engine/accel.py); SERVE_ACCEL=off keeps plain eager generate.
+        self.accel = Accelerator(loaded.model, accel or AccelConfig(), device=loaded.device)
         self.encoder = Encoder(loaded.processor)
         gen = loaded.generation_config
         self.max_new_tokens_cap = max_new_tokens_cap
@@ -135,7 +108,7 @@ class Predictor:
 
     @property
     def image_processor(self) -> Any:
-        """What serve.images shrinks images for, on the request threads (serve.preshrink)."""
+        """What serve.engine.images shrinks images for, on the request threads (serve.engine.preshrink)."""
         return self.loaded.processor.image_processor
 
     # ------------------------------------------------------------------ preparation

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serve.config import QUANTIZATIONS
-
 log = logging.getLogger(__name__)
+
+# SERVE_QUANTIZATION: auto is NF4 on CUDA and unquantized on CPU (resolve_quantization).
+QUANTIZATIONS = ("auto", "nf4", "bf16", "fp16", "none")
 
 # Prefixes of the full module names bitsandbytes must leave alone.
 NF4_SKIP_MODULES = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]

@@ -1,20 +1,14 @@
-"""Streamed answers: the text a row may show so far, and the server-sent events that carry it.
+"""Streamed answers on the wire: server-sent events, one JSON object per event.
 
-A request with `"stream": true` is answered `text/event-stream`, one JSON object per event:
+A request with `"stream": true` is answered `text/event-stream`:
 
     data: {"delta": "The highest"}
     data: {"delta": " bar is 2021"}
     data: {"answer": "The highest bar is 2021", "usage": {...}, "finish_reason": "stop", "latency_ms": 412.0}
 
 or, for a failure after the stream started, `data: {"error": {"code": "timeout", "message": "..."}}` as the last
-event. The deltas concatenate to the final `answer`, which is the same answer a non-streamed request gets (the
-tests hold both to it).
-
-`TextStream` (on the generation thread) decides what may be shown after each token. A streamed prefix is never
-taken back, so it holds back what could still change: the leading whitespace the final answer strips, trailing
-whitespace (stripped if the answer ends there), an incomplete UTF-8 character (decoded as U+FFFD), and a tail that
-could be the start of a stop string (the answer is cut before it). `stream_answer` (on the event loop) turns the
-pieces into the HTTP response.
+event. The deltas concatenate to the final `answer`, which is the same answer a non-streamed request gets; what may
+be shown after each token is decided on the generation thread (serve/engine/textstream.py).
 """
 
 from __future__ import annotations
@@ -23,58 +17,18 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.responses import Response, StreamingResponse
 
-from serve.errors import ApiError, internal_error
-from serve.schema import reply_body
-
-if TYPE_CHECKING:  # at run time, serve.predictor imports this module (and serve.batching imports it)
-    from serve.batching import Batcher
-    from serve.predictor import GenerationRequest, GenerationResult
+from serve.engine.batching import Batcher
+from serve.engine.errors import ApiError, internal_error
+from serve.engine.types import GenerationRequest, GenerationResult
+from serve.http.schema import reply_body
 
 log = logging.getLogger(__name__)
 
-REPLACEMENT_CHAR = "\ufffd"
 MEDIA_TYPE = "text/event-stream"
-
-
-def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
-    """`text` up to the first stop string in it, and whether there was one."""
-    cut = min((text.find(s) for s in stop if s in text), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
-
-
-class TextStream:
-    """The part of a row's answer that is safe to show, fed the decoded text of its tokens after each step."""
-
-    def __init__(self, stop: Sequence[str], emit: Callable[[str], None]):
-        self.stop = tuple(stop)
-        self.emit = emit
-        self.sent = ""
-
-    def update(self, text: str) -> None:
-        """The decoded text generated so far: emit what newly became safe to show."""
-        self._emit_up_to(self._safe(text))
-
-    def finish(self, answer: str) -> None:
-        """The final answer: emit whatever of it was held back."""
-        self._emit_up_to(answer)
-
-    def _safe(self, text: str) -> str:
-        text, _ = cut_at_stop(text.lstrip(), self.stop)
-        text = text.rstrip(REPLACEMENT_CHAR)
-        hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        return text[: len(text) - hold].rstrip()
-
-    def _emit_up_to(self, text: str) -> None:
-        # A decode that rewrote what was already sent (rare: tokenizer clean-up) sends nothing more; the final
-        # event's answer is the authority.
-        if len(text) > len(self.sent) and text.startswith(self.sent):
-            delta, self.sent = text[len(self.sent):], text
-            self.emit(delta)
 
 
 def event(payload: dict[str, Any]) -> bytes:

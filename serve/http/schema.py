@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from serve.errors import ApiError, describe_validation_errors
-
-if TYPE_CHECKING:
-    from serve.predictor import GenerationResult
+from serve.engine.errors import ApiError
+from serve.engine.types import GenerationResult
+from serve.http.envelope import describe_validation_errors
 
 MAX_QUESTION_CHARS = 20_000
 MAX_STOP_STRINGS = 8
@@ -37,7 +36,7 @@ class GenerationParams(BaseModel):
     top_p: float | None = Field(default=None, gt=0, le=1)
     max_new_tokens: int | None = Field(default=None, ge=1)
     stop: list[str] | None = Field(default=None, max_length=MAX_STOP_STRINGS)
-    stream: bool = Field(default=False, description="answer as server-sent events (serve.streaming)")
+    stream: bool = Field(default=False, description="answer as server-sent events (serve.http.sse)")
 
     @field_validator("question")
     @classmethod

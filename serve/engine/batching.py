@@ -23,8 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from serve.errors import ApiError, internal_error
-from serve.predictor import GenerationRequest, Outcome
+from serve.engine.errors import ApiError, internal_error
+from serve.engine.types import GenerationRequest, Outcome
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote_to_bytes, urljoin, urlsplit
 
-from serve import preshrink
-from serve.errors import ApiError
+from serve.engine import preshrink
+from serve.engine.errors import ApiError
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
@@ -117,7 +117,7 @@ def decode_image(data: bytes, max_pixels: int, *, shrink_for: Any = None):
     """Bytes -> PIL RGB image, refusing more than `max_pixels` before any pixel is decoded.
 
     With `shrink_for` (the model's image processor) a big image comes back already padded and shrunk for it
-    (serve.preshrink: same pixel values within a few levels, a fraction of the time; JPEGs decode at reduced
+    (serve.engine.preshrink: same pixel values within a few levels, a fraction of the time; JPEGs decode at reduced
     scale), so that work happens here, on the request's thread, not on the generation thread."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 

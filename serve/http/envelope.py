@@ -1,9 +1,9 @@
-"""The server's one error envelope: `{"error": {"code": "...", "message": "..."}}` with stable codes.
+"""The error envelope on the wire: every non-2xx response the server sends is built here.
 
-Every non-2xx response is built here. `ApiError` is the only exception that becomes a 4xx/503/504; anything else
-that escapes a handler is our bug: it is logged with its traceback and answered with a generic 500
-`internal_error` whose body says nothing about internals. Clients (client/, `llava-sm`) map `code` to
-`ClientError.code`, so codes never change meaning.
+`error_response(ApiError)` is the JSON body `{"error": {"code", "message"}}` with the code's status;
+`register_error_handlers(app)` makes every error FastAPI/starlette can raise (validation, 404/405, our own bugs) come
+out in the same envelope, never FastAPI's 422 `detail` shape and never a traceback. The error type and its codes
+live in the engine (serve/engine/errors.py), which knows nothing of HTTP.
 """
 
 from __future__ import annotations
@@ -13,60 +13,15 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
+from serve.engine.errors import INTERNAL_MESSAGE, ApiError, error_body, internal_error
+
 log = logging.getLogger(__name__)
-
-# code -> HTTP status. Add codes, never rename them.
-STATUS_BY_CODE: dict[str, int] = {
-    "invalid_json": 400,
-    "invalid_request": 400,
-    "invalid_image": 400,
-    "image_too_large": 400,
-    "url_not_allowed": 400,
-    "image_fetch_failed": 400,
-    "not_found": 404,
-    "method_not_allowed": 405,
-    "payload_too_large": 413,
-    "unsupported_media_type": 415,
-    "internal_error": 500,
-    "not_ready": 503,
-    "overloaded": 503,
-    "timeout": 504,
-}
-
-INTERNAL_MESSAGE = "internal server error; the request id in the X-Request-Id header identifies it in the logs"
-
-
-class ApiError(Exception):
-    """An error the caller should see: a stable `code` (its HTTP status follows from it) and a safe message."""
-
-    def __init__(self, code: str, message: str):
-        if code not in STATUS_BY_CODE:
-            raise ValueError(f"unknown error code {code!r}")
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-    @property
-    def status(self) -> int:
-        return STATUS_BY_CODE[self.code]
-
-    def body(self) -> dict[str, Any]:
-        return error_body(self.code, self.message)
-
-    def __repr__(self) -> str:
-        return f"ApiError({self.code!r}, {self.message!r})"
-
-
-def error_body(code: str, message: str) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message}}
 
 
 def error_response(error: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
-def internal_error() -> ApiError:
-    return ApiError("internal_error", INTERNAL_MESSAGE)
 
 
 def describe_validation_errors(errors: list[dict[str, Any]], prefix: str = "") -> str:

@@ -4,7 +4,7 @@
     inputs = encoder.encode(question, image)       # {"input_ids", "attention_mask", "pixel_values", ...} tensors
 
 The saved processor is the definition (training used the same one). Calling it per request costs ~4 ms of CPU,
-most of it holding the GIL, for a LLaVA-1.5 image that serve.preshrink already brought to 336x336: generic
+most of it holding the GIL, for a LLaVA-1.5 image that serve.engine.preshrink already brought to 336x336: generic
 argument validation, a float64 rescale and a per-channel normalize of the array, and tokenizing a prompt with its
 576 expanded image tokens. The fast path makes the same tensors in a fraction of that:
 - pixel values through a lookup table of every (channel, level) pair, read off the processor's own output for a
@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from serve.errors import ApiError
+from serve.engine.errors import ApiError
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class _FastPath:
 
 def _output_size(image_processor: Any) -> tuple[int, int] | None:
     """(width, height) of the processor's pixel_values: its crop size, or the size it resizes a square image to."""
-    from serve.preshrink import target_size
+    from serve.engine.preshrink import target_size
 
     if getattr(image_processor, "do_center_crop", False):
         crop = image_processor.crop_size

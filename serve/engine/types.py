@@ -1,0 +1,55 @@
+"""What the engine takes and gives: `GenerationRequest` in, `GenerationResult` (or `ApiError`) out.
+
+Shared by the predictor, the batcher and the HTTP layer that builds requests from payloads; nothing here imports
+torch or a web framework.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from serve.engine.errors import ApiError
+
+
+@dataclass
+class GenerationRequest:
+    image: Any  # a PIL RGB image (serve.engine.images decodes it), or None for a text-only question
+    question: str
+    temperature: float | None = None  # None: the artifact's default; 0: greedy
+    top_p: float | None = None
+    max_new_tokens: int | None = None
+    stop: Sequence[str] = ()
+    deadline: float | None = None  # time.monotonic() by which the answer is due
+    cancelled: bool = field(default=False, compare=False)  # set when the caller gave up; the row stops
+    inputs: dict | None = field(default=None, compare=False, repr=False)  # Predictor.prepare's processor outputs
+    # Streaming: called on the generation thread with each piece of the answer as it becomes safe to show
+    # (serve.engine.textstream.TextStream); the pieces concatenate to the result's answer.
+    on_text: Callable[[str], None] | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass
+class GenerationResult:
+    answer: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end of sequence or a stop string) or "length"
+
+
+Outcome = GenerationResult | ApiError
+OnResult = Callable[[int, Outcome], None]
+
+
+class PredictorLike(Protocol):
+    """What the batcher and the HTTP layer drive: serve.engine.predictor.Predictor, or a wrapper around one."""
+
+    @property
+    def image_processor(self) -> Any:
+        """The processor images are pre-shrunk for on the request threads (serve.engine.preshrink)."""
+
+    def prepare(self, request: GenerationRequest) -> None:
+        """Encode the request (prompt, tokens, pixels) on the calling thread."""
+
+    def predict(self, requests: Sequence[GenerationRequest], on_result: OnResult | None = None) -> list[Outcome]:
+        """Answer every request from one batch; `on_result(i, outcome)` fires as each outcome is known."""

@@ -1,0 +1,176 @@
+"""SageMaker's inference contract: `GET /ping`, `POST /invocations`, `GET /execution-parameters`.
+
+    GET  /ping                  200 once the model is loaded and healthy, else 503 `not_ready`; never waits on
+                                generation (it runs on the batcher's thread)
+    POST /invocations           application/json: {"image", "question", "temperature", "top_p", "max_new_tokens",
+                                "stop", "stream"} or {"instances": [...]}; or a raw image body (image/png,
+                                image/jpeg, image/webp, application/x-image) with the question in ?question= or in
+                                X-Amzn-SageMaker-Custom-Attributes
+                                -> {"answer", "usage": {"prompt_tokens", "completion_tokens"}, "finish_reason",
+                                    "latency_ms"} (serve.http.schema.reply_body; a list of those for "instances");
+                                with "stream": true (or ?stream=true), text/event-stream (serve.http.sse)
+    GET  /execution-parameters  what batch transform should send (SINGLE_RECORD, our payload cap)
+
+Limits, checked in this order: 503 while loading; 415 content type; 413 body over `max_payload_bytes`, counted
+while the body streams in; 400 for bad JSON, schema, images and URLs; 503 when the queue is full; 504 past
+`request_timeout_s`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
+
+from fastapi import FastAPI, Request
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
+from starlette.responses import JSONResponse, Response
+
+from serve.engine.batching import Batcher
+from serve.engine.errors import ApiError, internal_error
+from serve.engine.images import ImagePolicy, decode_image, image_bytes, is_remote
+from serve.engine.types import GenerationRequest, PredictorLike
+from serve.http.envelope import error_response
+from serve.http.requests import MiB, read_body_capped, request_id_of
+from serve.http.schema import GenerationParams, parse_json_body, parse_raw_params, reply_body
+from serve.http.sse import stream_answer
+
+if TYPE_CHECKING:
+    from serve.http.app import ServerState
+
+log = logging.getLogger(__name__)
+
+JSON_TYPES = ("application/json",)
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "application/x-image")
+CUSTOM_ATTRIBUTES = "x-amzn-sagemaker-custom-attributes"
+
+
+def add_routes(app: FastAPI, state: ServerState) -> None:
+    cfg = state.cfg
+
+    @app.get("/ping")
+    async def ping():
+        try:
+            state.require_batcher()
+        except ApiError as e:
+            return error_response(e)
+        return {"status": "ready"}
+
+    @app.get("/execution-parameters")
+    async def execution_parameters():
+        return {"MaxConcurrentTransforms": cfg.max_batch_size, "BatchStrategy": "SINGLE_RECORD",
+                "MaxPayloadInMB": max(1, cfg.max_payload_bytes // MiB)}
+
+    @app.post("/invocations")
+    async def invocations(request: Request):
+        started = time.monotonic()
+        try:
+            return await _invoke(state, request, started)
+        except ApiError as e:
+            return error_response(e)
+        except ClientDisconnect:
+            return error_response(ApiError("invalid_request", "the client disconnected while sending the body"))
+        except Exception:  # noqa: BLE001 - our bug: logged with traceback, nothing internal in the body
+            log.exception("internal error on /invocations (request id %s)", request_id_of(request))
+            return error_response(internal_error())
+
+
+@dataclass
+class Decoded:
+    """An /invocations body turned into engine requests, prepared on the request threads."""
+    requests: list[GenerationRequest]
+    is_batch: bool  # {"instances": [...]}: the reply is a list
+    stream: bool
+
+
+async def _invoke(state: ServerState, request: Request, started: float) -> Response:
+    deadline = started + state.cfg.request_timeout_s
+    batcher = state.require_batcher()
+    batcher.expect()  # a lone queued request waits for this one only while it is on its way
+    try:
+        decoded = await decode_request(state, batcher, request, deadline)
+    except BaseException:
+        batcher.withdraw()
+        raise
+    if decoded.stream:
+        return await stream_answer(batcher, decoded.requests[0], deadline, started, request_id_of(request))
+    outcomes = await batcher.submit(decoded.requests, deadline, expected=True)
+    for outcome in outcomes:
+        if isinstance(outcome, ApiError):
+            raise outcome
+    latency_ms = round(1000 * (time.monotonic() - started), 1)
+    replies = [reply_body(o, latency_ms) for o in outcomes]
+    return JSONResponse(replies if decoded.is_batch else replies[0])
+
+
+async def decode_request(state: ServerState, batcher: Batcher, request: Request, deadline: float) -> Decoded:
+    """Content type -> body under the cap -> parameters -> images fetched and decoded -> prompts encoded.
+
+    Network fetches wait on Starlette's big thread pool; decoding and encoding hold the GIL for much of their time,
+    so they run on the small prepare pool and the generation thread only generates."""
+    cfg, predictor = state.cfg, batcher.predictor
+    content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if content_type not in JSON_TYPES + IMAGE_TYPES:
+        raise ApiError("unsupported_media_type", f"Content-Type {content_type or '(none)'!r} is not accepted; send "
+                                                 f"{', '.join(JSON_TYPES + IMAGE_TYPES)}")
+    body = await read_body_capped(request, cfg.max_payload_bytes)
+    if content_type in JSON_TYPES:
+        items, is_batch = parse_json_body(body, max_instances=cfg.max_instances, max_new_tokens=cfg.max_new_tokens)
+        batcher.check_room(len(items))
+        images = None
+        if any(is_remote(item.image) for item in items):
+            images = await run_in_threadpool(_fetch_all, items, state.policy, deadline, is_batch)
+        requests = await state.in_prepare_pool(_prepare_all, items, images, state.policy, deadline, is_batch,
+                                               predictor)
+        return Decoded(requests, is_batch, stream=not is_batch and items[0].stream)
+    attributes = parse_qsl(request.headers.get(CUSTOM_ATTRIBUTES, ""), keep_blank_values=True)
+    params = parse_raw_params(request.query_params.multi_items(), attributes, max_new_tokens=cfg.max_new_tokens)
+    batcher.check_room(1)
+    if not body:
+        raise ApiError("invalid_image", "the body is empty; send the image bytes")
+    prepared = await state.in_prepare_pool(prepare_request, body, params, cfg.max_image_pixels, deadline, predictor)
+    return Decoded([prepared], is_batch=False, stream=params.stream)
+
+
+def _fetch_all(items: list, policy: ImagePolicy, deadline: float, is_batch: bool) -> list[bytes]:
+    fetched = []
+    for i, item in enumerate(items):
+        with _instance_errors(i, is_batch):
+            fetched.append(image_bytes(item.image, policy, deadline=deadline))
+    return fetched
+
+
+def _prepare_all(items: list, images: list[bytes] | None, policy: ImagePolicy, deadline: float, is_batch: bool,
+                 predictor: PredictorLike) -> list[GenerationRequest]:
+    requests = []
+    for i, item in enumerate(items):
+        with _instance_errors(i, is_batch):
+            data = images[i] if images is not None else image_bytes(item.image, policy, deadline=deadline)
+            requests.append(prepare_request(data, item, policy.max_pixels, deadline, predictor))
+    return requests
+
+
+@contextmanager
+def _instance_errors(i: int, is_batch: bool):
+    """Name the instance (and its image) in an error of a batch request."""
+    try:
+        yield
+    except ApiError as e:
+        where = f"instances.{i}" + (".image" if e.code != "invalid_request" else "")
+        raise ApiError(e.code, f"{where}: {e.message}" if is_batch else e.message) from None
+
+
+def prepare_request(image: bytes, params: GenerationParams, max_pixels: int, deadline: float,
+                    predictor: PredictorLike) -> GenerationRequest:
+    """Decode the image (shrunk for the model's processor), build the engine request and encode it, on this
+    thread."""
+    decoded: Any = decode_image(image, max_pixels, shrink_for=predictor.image_processor)
+    request = GenerationRequest(image=decoded, question=params.question, temperature=params.temperature,
+                                top_p=params.top_p, max_new_tokens=params.max_new_tokens,
+                                stop=tuple(params.stop or ()), deadline=deadline)
+    predictor.prepare(request)
+    return request
