@@ -6,8 +6,8 @@
 Builds a tiny `test` artifact (train.tiny) unless --model-dir is given, then starts `python -m serve` on a free
 loopback port twice -- SERVE_MAX_BATCH_SIZE=1, then SERVE_MAX_BATCH_SIZE=--batch-size -- runs bench.load's sweep
 against each, stops it, and reports both tables plus batched/sequential requests/s per level. With --rounds N the
-two alternate N times and the comparison is the median per level (every round's speed-up is listed). Targets checked
-(issue 8): batched >= 4x sequential req/s at concurrency 16; /ping p99 <= 20 ms under that load.
+two alternate N times and the comparison is the median per level (every round's speed-up is listed). Targets
+checked: batched >= 4x sequential req/s at concurrency 16; /ping p99 <= 20 ms under that load.
 --tiny runs a seconds-long smoke version (levels 1,4; 8 requests; 2 new tokens) for the test suite.
 """
 

@@ -28,7 +28,7 @@ def _has_cuda() -> bool:
 def pytest_collection_modifyitems(config, items):
     if _has_cuda():
         return
-    skip_gpu = pytest.mark.skip(reason="needs CUDA (bitsandbytes GPU kernels / NCCL); none on this machine")
+    skip_gpu = pytest.mark.skip(reason="needs CUDA (bitsandbytes GPU kernels / NCCL); torch sees no CUDA device")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)

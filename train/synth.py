@@ -88,8 +88,8 @@ class SynthConfig:
         return p
 
 
-# The demo preset: 96 px charts a from-scratch LLaVA can read after minutes on a CPU
-# (../shared/notes/demo-feasibility.md); explicit options still override each value.
+# The demo preset: 96 px charts a from-scratch LLaVA can read after minutes on a CPU (96 px is the smallest size at
+# which its one-word titles stay readable); explicit options still override each value.
 PRESETS: dict[str, dict] = {
     "default": {},
     "demo": {"min_size": 96, "max_size": 96, "square": True, "min_categories": 3, "max_categories": 5,

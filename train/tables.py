@@ -75,8 +75,8 @@ THEMES: dict[str, Theme] = {
     "ages": Theme(("Age of respondents", "Customers by age", "Age groups"),
                   ("Under 18", "18-29", "30-44", "45-59", "60+"), ordered=True),
 }
-# The demo's small vocabulary: one-word titles and short labels a 96 px chart can show
-# (../shared/notes/demo-feasibility.md: 8 titles, 10 fruit names).
+# The demo's small vocabulary: one-word titles and short labels a 96 px chart can show; 8 titles and 10 fruit names
+# are few enough choices for a model trained from scratch for minutes to learn.
 DEMO_THEMES: dict[str, Theme] = {
     "demo": Theme(("Sales", "Harvest", "Prices", "Exports", "Stock", "Orders", "Demand", "Imports"),
                   ("Apple", "Kiwi", "Fig", "Plum", "Pear", "Lime", "Mango", "Lemon", "Date", "Grape")),

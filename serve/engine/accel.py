@@ -9,7 +9,7 @@ H100 at batch 1 in bitsandbytes' own benchmark, far below what the memory bandwi
 does about it, all on the 4-bit path:
 - a static KV cache, so every decode step has the same shapes and `generate` compiles the step with
   `torch.compile(mode="reduce-overhead")` (CUDA graphs). transformers refuses to auto-compile bitsandbytes models
-  (its 4-bit quantizer says "not compileable"), but bitsandbytes >= 0.46 compiles (fullgraph since PR #1616) and
+  (its 4-bit quantizer says "not compileable"), but bitsandbytes >= 0.46 compiles and
   0.50 dispatches inference to fused dequant+GEMM kernels through a torch custom op, so the check is lifted for
   this model instance only;
 - shape buckets: the batch is padded to the next bucket size (dummy copies of the last row, marked finished from
