@@ -39,6 +39,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class ServeConfig:
     model_dir: Path = Path("/opt/ml/model")
+    model_name: str | None = None  # the name /v1/models lists and chat requests' `model` names; None: model_dir's name
     host: str = "0.0.0.0"
     port: int = 8080
     quantization: str = "auto"  # auto = nf4 on CUDA, none (fp32) on CPU
@@ -83,6 +84,10 @@ class ServeConfig:
         values = {name: getattr(self, name) for name in ACCEL_FIELDS}
         values["accel_batch_buckets"] = buckets_up_to(self.max_batch_size, self.accel_batch_buckets)
         return accel_config_of(values)
+
+    @property
+    def served_model_name(self) -> str:
+        return self.model_name or Path(self.model_dir).name or "model"
 
     def summary(self) -> str:
         """One line with every resolved value, for the start-up log."""
@@ -212,6 +217,7 @@ def _sagemaker_payload(raw: str, problems: list[str]) -> dict[str, int]:
 # field -> (environment variable, parser). Unset or empty variables keep the dataclass default.
 ENV_VARS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "model_dir": ("SM_MODEL_DIR", Path),
+    "model_name": ("SERVE_MODEL_NAME", str),
     "host": ("SERVE_HOST", str),
     "port": ("SAGEMAKER_BIND_TO_PORT", _int(1, 65535)),
     "quantization": ("SERVE_QUANTIZATION", _choice(QUANTIZATIONS)),

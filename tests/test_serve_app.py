@@ -89,7 +89,10 @@ def _json(payload) -> tuple[bytes, dict]:
 GOOD = {"image": b64_png(), "question": QUESTION}
 BAD_INPUTS = {
     "text/plain": (b"hello", {"Content-Type": "text/plain"}, None, 415, "unsupported_media_type"),
-    "no content type": (b"{}", {}, None, 415, "unsupported_media_type"),
+    "no content type, not JSON or an image": (b"hello", {}, None, 415, "unsupported_media_type"),
+    "octet-stream, not JSON or an image": (b"hello", {"Content-Type": "application/octet-stream"}, None, 415,
+                                           "unsupported_media_type"),
+    "no content type, a JSON object": (b"{}", {}, None, 400, "invalid_request"),
     "multipart": (b"--x--", {"Content-Type": "multipart/form-data; boundary=x"}, None, 415,
                   "unsupported_media_type"),
     "declared over cap": (b"{" + b" " * PAYLOAD_CAP + b"}", {"Content-Type": "application/json"}, None, 413,

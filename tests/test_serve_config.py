@@ -40,7 +40,7 @@ def test_every_variable_is_read():
            "SERVE_GRACEFUL_TIMEOUT_S": "7", "SERVE_TORCH_THREADS": "1", "SERVE_LOG_LEVEL": "debug",
            "SERVE_PREPARE_THREADS": "3", "SERVE_S3_BUCKETS": "serve-images, my.other-bucket",
            "SERVE_ACCEL": "off", "SERVE_ACCEL_BATCH_BUCKETS": "8, 1,4", "SERVE_ACCEL_CACHE_BUCKET": "128",
-           "SERVE_ACCEL_CACHE_GIB": "2.5"}
+           "SERVE_ACCEL_CACHE_GIB": "2.5", "SERVE_MODEL_NAME": "chart-llava"}
     assert set(env) == {var for var, _ in ENV_VARS.values()}
     cfg = ServeConfig.from_env(env)
     assert (cfg.model_dir, cfg.host, cfg.port, cfg.quantization, cfg.device) == (Path("/m"), "127.0.0.1", 9000,
@@ -53,6 +53,8 @@ def test_every_variable_is_read():
     assert (cfg.graceful_timeout_s, cfg.torch_threads, cfg.log_level, cfg.prepare_threads) == (7.0, 1, "DEBUG", 3)
     assert "fetch_allow_networks=127.0.0.0/8,10.1.2.3/32" in cfg.summary()
     assert cfg.s3_buckets == ("serve-images", "my.other-bucket")
+    assert cfg.served_model_name == "chart-llava" and ServeConfig.from_env(env | {"SERVE_MODEL_NAME": ""}
+                                                                           ).served_model_name == "m"
     accel = cfg.accel_config()
     # SERVE_ACCEL_BATCH_BUCKETS=1,4,8 with SERVE_MAX_BATCH_SIZE=4: no batch can use 8, so it is not compiled
     assert (accel.mode, accel.batch_buckets, accel.cache_bucket, accel.cache_gib) == ("off", (1, 4), 128, 2.5)

@@ -19,6 +19,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "url_not_allowed": 400,
     "image_fetch_failed": 400,
     "not_found": 404,
+    "model_not_found": 404,
     "method_not_allowed": 405,
     "payload_too_large": 413,
     "unsupported_media_type": 415,

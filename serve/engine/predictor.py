@@ -4,7 +4,8 @@
     results = predictor.predict([GenerationRequest(image=pil_image, question="What type of chart is this?")])
 
 Each row keeps its own parameters inside the shared batch: temperature 0 is greedy (exactly the argmax, so a row
-answers the same alone or batched), temperature > 0 samples with that row's temperature and top_p;
+answers the same alone or batched), temperature > 0 samples with that row's temperature and top_p (and, with a
+seed, from that row's own random generator, so its answer repeats);
 max_new_tokens, stop strings and the deadline are checked per row after every token. A row that finishes is
 handed to `on_result` at once, so callers of short answers do not wait for the longest row; a request with
 `on_text` also gets its answer's pieces while it is generated (serve.engine.textstream). A row that cannot be
@@ -44,6 +45,7 @@ class _Row:
     top_p: float
     max_new_tokens: int
     stop: tuple[str, ...]
+    seed: int | None = None
 
 
 class Predictor:
@@ -119,7 +121,10 @@ class Predictor:
         req.inputs = self._encode(req)
 
     def _encode(self, req: GenerationRequest) -> dict[str, Any]:
-        inputs = self.encoder.encode(req.question, req.image)
+        if req.messages is not None:
+            inputs = self.encoder.encode_messages(req.messages, req.image)
+        else:
+            inputs = self.encoder.encode(req.question, req.image)
         prompt_tokens = int(inputs["input_ids"].shape[1])
         context = self.loaded.max_positions
         if context is not None and prompt_tokens >= context:
@@ -140,7 +145,8 @@ class Predictor:
             max_new = min(max_new, self.loaded.max_positions - prompt_tokens)
         temperature = self.default_temperature if req.temperature is None else float(req.temperature)
         top_p = self.default_top_p if req.top_p is None else float(req.top_p)
-        return _Row(index, inputs, prompt_tokens, temperature, top_p, max_new, tuple(s for s in req.stop if s))
+        return _Row(index, inputs, prompt_tokens, temperature, top_p, max_new, tuple(s for s in req.stop if s),
+                    req.seed)
 
     def _collate(self, rows: list[_Row]) -> dict[str, Any]:
         """Left-pad the token sequences, concatenate the per-image tensors."""
@@ -197,12 +203,16 @@ class Predictor:
 
 class _PerRowSampling:
     """Per-row temperature and top_p in one logits processor; greedy rows keep only their argmax, so sampling
-    picks it with probability 1 and they stay exactly greedy inside a sampled batch."""
+    picks it with probability 1 and they stay exactly greedy inside a sampled batch. A sampled row with a seed
+    draws its token here, from its own generator, and keeps only that one the same way: its answer depends on its
+    seed and its own logits, not on the process's random state or on the other rows of its batch."""
 
     def __init__(self, rows: list[_Row]):
         self.temperature = [r.temperature for r in rows]
         self.top_p = [r.top_p for r in rows]
-        self._per_row: tuple[Any, ...] | None = None  # (dtype, device, greedy, divisor, drop_at): see _constants
+        self.seeds = {j: r.seed for j, r in enumerate(rows) if r.seed is not None and r.temperature > 0}
+        self._per_row: tuple[Any, ...] | None = None  # (dtype, device, decided, divisor, drop_at): see _constants
+        self._generators: dict[int, Any] = {}  # row -> torch.Generator on the scores' device, made at the first step
 
     def _constants(self, scores):
         """The per-row tensors, built once per generate (scores keep their dtype and device across its steps),
@@ -214,13 +224,15 @@ class _PerRowSampling:
             top_p = torch.tensor(self.top_p, dtype=scores.dtype, device=scores.device)
             greedy = temps <= 0
             divisor = torch.where(greedy, torch.ones_like(temps), temps)[:, None]
-            self._per_row = (scores.dtype, scores.device, greedy, divisor, (1 - top_p)[:, None])
+            decided = greedy.clone()  # rows whose next token is picked here: greedy and seeded ones
+            decided[list(self.seeds)] = True
+            self._per_row = (scores.dtype, scores.device, decided, divisor, (1 - top_p)[:, None])
         return self._per_row[2:]
 
     def __call__(self, input_ids, scores):
         import torch
 
-        greedy, divisor, drop_at = self._constants(scores)
+        decided, divisor, drop_at = self._constants(scores)
         scaled = scores / divisor
         sorted_logits, sorted_idx = torch.sort(scaled, dim=-1)
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
@@ -228,9 +240,22 @@ class _PerRowSampling:
         drop_sorted[:, -1] = False  # always keep the most likely token
         drop = drop_sorted.scatter(1, sorted_idx, drop_sorted)
         sampled = scaled.masked_fill(drop, float("-inf"))
-        one_hot = torch.full_like(scores, float("-inf"))
-        one_hot.scatter_(1, scores.argmax(dim=-1, keepdim=True), 0.0)
-        return torch.where(greedy[:, None], one_hot, sampled)
+        tokens = scores.argmax(dim=-1, keepdim=True)
+        if self.seeds:
+            self._draw_seeded(sampled, tokens)
+        one_hot = torch.full_like(scores, float("-inf")).scatter_(1, tokens, 0.0)
+        return torch.where(decided[:, None], one_hot, sampled)
+
+    def _draw_seeded(self, sampled, tokens) -> None:
+        """Each seeded row's next token into `tokens`, drawn from its distribution by its own generator: one draw
+        per step, so the same seed and the same logits give the same tokens."""
+        import torch
+
+        for j, seed in self.seeds.items():
+            if j not in self._generators:
+                self._generators[j] = torch.Generator(device=sampled.device).manual_seed(seed)
+            probs = sampled[j].float().softmax(dim=-1)
+            tokens[j] = torch.multinomial(probs, 1, generator=self._generators[j])
 
 
 class _RowTracker:

@@ -21,6 +21,13 @@ class GenerationRequest:
     top_p: float | None = None
     max_new_tokens: int | None = None
     stop: Sequence[str] = ()
+    # Sampling's random draws for this row from its own generator seeded with this, so a sampled answer repeats
+    # for the same request (serve.engine.predictor); None: the process-wide generator. No effect when greedy.
+    seed: int | None = None
+    # A whole conversation instead of `question`, in the chat template's content format: [{"role": "system" |
+    # "user" | "assistant", "content": [{"type": "text", "text": ...}, {"type": "image"}]}], the last turn the
+    # user's; one {"type": "image"} part where `image` goes (serve.engine.encoding.Encoder.encode_messages).
+    messages: list[dict[str, Any]] | None = None
     deadline: float | None = None  # time.monotonic() by which the answer is due
     cancelled: bool = field(default=False, compare=False)  # set when the caller gave up; the row stops
     inputs: dict | None = field(default=None, compare=False, repr=False)  # Predictor.prepare's processor outputs

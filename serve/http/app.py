@@ -2,7 +2,8 @@
 
 The model loads on a background thread after the socket is listening (SageMaker wants the socket within 250 ms and
 /ping within 2 s); until then, and after a failed load, the routes answer 503 `not_ready`. The routes live in their
-protocol's module (serve/http/sagemaker.py: /ping, /invocations, /execution-parameters). Every error has the
+protocol's module (serve/http/sagemaker.py: /ping, /invocations, /execution-parameters; serve/http/openai.py:
+/v1/chat/completions, /v1/models). Every error has the
 envelope of serve/http/envelope.py; each request logs one line (id, method, path, status, latency; never payload
 content) and returns its id in `X-Request-Id` (serve/http/requests.py).
 """
@@ -29,7 +30,7 @@ from serve.engine.batching import Batcher
 from serve.engine.errors import ApiError
 from serve.engine.images import ImagePolicy
 from serve.engine.types import PredictorLike
-from serve.http import sagemaker
+from serve.http import openai, sagemaker
 from serve.http.envelope import register_error_handlers
 from serve.http.requests import RequestLogMiddleware
 
@@ -113,6 +114,7 @@ def create_app(cfg: ServeConfig, *, predictor_factory: Callable[[], PredictorLik
     register_error_handlers(app)
     app.add_middleware(RequestLogMiddleware)
     sagemaker.add_routes(app, state)
+    openai.add_routes(app, state)
     return app
 
 

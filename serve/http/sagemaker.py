@@ -8,17 +8,22 @@
                                 X-Amzn-SageMaker-Custom-Attributes
                                 -> {"answer", "usage": {"prompt_tokens", "completion_tokens"}, "finish_reason",
                                     "latency_ms"} (serve.http.schema.reply_body; a list of those for "instances");
-                                with "stream": true (or ?stream=true), text/event-stream (serve.http.sse)
+                                with "stream": true (or ?stream=true), text/event-stream (serve.http.sse).
+                                A JSON object with "messages" is an OpenAI chat completion, answered as
+                                /v1/chat/completions answers it (serve.http.openai). No Content-Type, or
+                                application/octet-stream: the body says what it is (a JSON object, or PNG/JPEG/WebP
+                                bytes)
     GET  /execution-parameters  what batch transform should send (SINGLE_RECORD, our payload cap)
 
-Limits, checked in this order: 503 while loading; 415 content type; 413 body over `max_payload_bytes`, counted
-while the body streams in; 400 for bad JSON, schema, images and URLs; 503 when the queue is full; 504 past
-`request_timeout_s`.
+Limits, checked in this order: 503 while loading; 415 content type (judged from the body, after the 413, when it
+has none); 413 body over `max_payload_bytes`, counted while the body streams in; 400 for bad JSON, schema, images
+and URLs; 503 when the queue is full; 504 past `request_timeout_s`.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,9 +39,10 @@ from serve.engine.batching import Batcher
 from serve.engine.errors import ApiError, internal_error
 from serve.engine.images import ImagePolicy, decode_image, image_bytes, is_remote
 from serve.engine.types import GenerationRequest, PredictorLike
+from serve.http import openai
 from serve.http.envelope import error_response
 from serve.http.requests import MiB, read_body_capped, request_id_of
-from serve.http.schema import GenerationParams, parse_json_body, parse_raw_params, reply_body
+from serve.http.schema import GenerationParams, load_json, parse_invocation, parse_raw_params, reply_body
 from serve.http.sse import stream_answer
 
 if TYPE_CHECKING:
@@ -46,6 +52,8 @@ log = logging.getLogger(__name__)
 
 JSON_TYPES = ("application/json",)
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "application/x-image")
+# InvokeEndpoint callers often send no content type, or boto3's default for bytes: the body says what it is.
+SNIFFED_TYPES = ("", "application/octet-stream")
 CUSTOM_ATTRIBUTES = "x-amzn-sagemaker-custom-attributes"
 
 
@@ -87,12 +95,27 @@ class Decoded:
     stream: bool
 
 
+@dataclass
+class Body:
+    """An /invocations body read under the cap, with the content type it has (declared, or sniffed from it)."""
+    content_type: str
+    data: bytes
+    json: Any = None  # the value of a JSON body
+
+
 async def _invoke(state: ServerState, request: Request, started: float) -> Response:
     deadline = started + state.cfg.request_timeout_s
     batcher = state.require_batcher()
     batcher.expect()  # a lone queued request waits for this one only while it is on its way
     try:
-        decoded = await decode_request(state, batcher, request, deadline)
+        body = await read_invocation(state, request)
+    except BaseException:
+        batcher.withdraw()
+        raise
+    if isinstance(body.json, dict) and "messages" in body.json:  # as vLLM's SageMaker router: a chat completion
+        return await openai.answer_chat(state, batcher, body.json, request, started)
+    try:
+        decoded = await decode_request(state, batcher, request, body, deadline)
     except BaseException:
         batcher.withdraw()
         raise
@@ -107,19 +130,52 @@ async def _invoke(state: ServerState, request: Request, started: float) -> Respo
     return JSONResponse(replies if decoded.is_batch else replies[0])
 
 
-async def decode_request(state: ServerState, batcher: Batcher, request: Request, deadline: float) -> Decoded:
-    """Content type -> body under the cap -> parameters -> images fetched and decoded -> prompts encoded.
+async def read_invocation(state: ServerState, request: Request) -> Body:
+    """Content type -> body under the cap -> its JSON value (for a JSON body)."""
+    content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if content_type not in JSON_TYPES + IMAGE_TYPES + SNIFFED_TYPES:
+        raise _unsupported(content_type)
+    data = await read_body_capped(request, state.cfg.max_payload_bytes)
+    if content_type in SNIFFED_TYPES:
+        content_type = sniff_content_type(data) or ""
+        if not content_type:
+            raise _unsupported(request.headers.get("content-type", ""), sniffed=True)
+    return Body(content_type, data, load_json(data) if content_type in JSON_TYPES else None)
+
+
+def _unsupported(content_type: str, *, sniffed: bool = False) -> ApiError:
+    what = f"Content-Type {content_type or '(none)'!r}"
+    if sniffed:
+        what += " with a body that is neither a JSON object nor PNG/JPEG/WebP bytes"
+    return ApiError("unsupported_media_type", f"{what} is not accepted; send {', '.join(JSON_TYPES + IMAGE_TYPES)}")
+
+
+_JSON_OBJECT = re.compile(rb"\s*\{")
+_IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"))
+
+
+def sniff_content_type(body: bytes) -> str | None:
+    """What a body without a usable Content-Type is: a JSON object, a PNG, JPEG or WebP image, or None."""
+    if _JSON_OBJECT.match(body):
+        return "application/json"
+    for magic, content_type in _IMAGE_MAGIC:
+        if body.startswith(magic):
+            return content_type
+    if body[:4] == b"RIFF" and body[8:12] == b"WEBP":
+        return "image/webp"
+    return None
+
+
+async def decode_request(state: ServerState, batcher: Batcher, request: Request, body: Body,
+                         deadline: float) -> Decoded:
+    """Parameters -> images fetched and decoded -> prompts encoded.
 
     Network fetches wait on Starlette's big thread pool; decoding and encoding hold the GIL for much of their time,
     so they run on the small prepare pool and the generation thread only generates."""
     cfg, predictor = state.cfg, batcher.predictor
-    content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if content_type not in JSON_TYPES + IMAGE_TYPES:
-        raise ApiError("unsupported_media_type", f"Content-Type {content_type or '(none)'!r} is not accepted; send "
-                                                 f"{', '.join(JSON_TYPES + IMAGE_TYPES)}")
-    body = await read_body_capped(request, cfg.max_payload_bytes)
-    if content_type in JSON_TYPES:
-        items, is_batch = parse_json_body(body, max_instances=cfg.max_instances, max_new_tokens=cfg.max_new_tokens)
+    if body.content_type in JSON_TYPES:
+        items, is_batch = parse_invocation(body.json, max_instances=cfg.max_instances,
+                                           max_new_tokens=cfg.max_new_tokens)
         batcher.check_room(len(items))
         images = None
         if any(is_remote(item.image) for item in items):
@@ -130,9 +186,10 @@ async def decode_request(state: ServerState, batcher: Batcher, request: Request,
     attributes = parse_qsl(request.headers.get(CUSTOM_ATTRIBUTES, ""), keep_blank_values=True)
     params = parse_raw_params(request.query_params.multi_items(), attributes, max_new_tokens=cfg.max_new_tokens)
     batcher.check_room(1)
-    if not body:
+    if not body.data:
         raise ApiError("invalid_image", "the body is empty; send the image bytes")
-    prepared = await state.in_prepare_pool(prepare_request, body, params, cfg.max_image_pixels, deadline, predictor)
+    prepared = await state.in_prepare_pool(prepare_request, body.data, params, cfg.max_image_pixels, deadline,
+                                           predictor)
     return Decoded([prepared], is_batch=False, stream=params.stream)
 
 

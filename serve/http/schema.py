@@ -70,12 +70,22 @@ class BatchRequest(BaseModel):
 
 def parse_json_body(body: bytes, *, max_instances: int, max_new_tokens: int) -> tuple[list[InvocationRequest], bool]:
     """JSON bytes -> (requests, is_batch). Raises ApiError invalid_json / invalid_request."""
+    return parse_invocation(load_json(body), max_instances=max_instances, max_new_tokens=max_new_tokens)
+
+
+def load_json(body: bytes) -> Any:
+    """JSON bytes -> the value, or ApiError invalid_json (also for NaN and Infinity, which are not JSON)."""
     try:
-        obj = json.loads(body, parse_constant=_reject_constant)
+        return json.loads(body, parse_constant=_reject_constant)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ApiError("invalid_json", f"body is not valid JSON ({type(e).__name__})") from None
     except ValueError as e:
         raise ApiError("invalid_json", f"body is not valid JSON: {e}") from None
+
+
+def parse_invocation(obj: Any, *, max_instances: int, max_new_tokens: int
+                     ) -> tuple[list[InvocationRequest], bool]:
+    """A JSON value -> (requests, is_batch). Raises ApiError invalid_request."""
     if not isinstance(obj, dict):
         raise ApiError("invalid_request", "body must be a JSON object: {\"image\": ..., \"question\": ...} or "
                                           "{\"instances\": [...]}")

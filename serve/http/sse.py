@@ -8,7 +8,8 @@ A request with `"stream": true` is answered `text/event-stream`:
 
 or, for a failure after the stream started, `data: {"error": {"code": "timeout", "message": "..."}}` as the last
 event. The deltas concatenate to the final `answer`, which is the same answer a non-streamed request gets; what may
-be shown after each token is decided on the generation thread (serve/engine/textstream.py).
+be shown after each token is decided on the generation thread (serve/engine/textstream.py). Another wire format
+(OpenAI's chat.completion.chunk events, serve/http/openai.py) passes its own `events` to `stream_answer`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import asyncio
 import json
 import logging
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from starlette.responses import Response, StreamingResponse
 
@@ -36,11 +37,39 @@ def event(payload: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
 
 
+class Events(Protocol):
+    """A stream's wire format: the bytes for its start, each piece of text, its end, and a failure after it began."""
+
+    def opening(self) -> list[bytes]: ...
+
+    def delta(self, text: str) -> bytes: ...
+
+    def final(self, result: GenerationResult, latency_ms: float) -> list[bytes]: ...
+
+    def failure(self, error: ApiError) -> list[bytes]: ...
+
+
+class AnswerEvents:
+    """The /invocations format above."""
+
+    def opening(self) -> list[bytes]:
+        return []
+
+    def delta(self, text: str) -> bytes:
+        return event({"delta": text})
+
+    def final(self, result: GenerationResult, latency_ms: float) -> list[bytes]:
+        return [event(reply_body(result, latency_ms))]
+
+    def failure(self, error: ApiError) -> list[bytes]:
+        return [event(error.body())]
+
+
 async def stream_answer(batcher: Batcher, request: GenerationRequest, deadline: float, started: float,
-                        request_id: str | None) -> Response:
-    """The answer as server-sent events. The response starts with the first piece of text, so a request that fails
-    before it (queue full, time budget, a prompt the context cannot hold) gets its status and error envelope like
-    any other; a failure after it is the stream's last event."""
+                        request_id: str | None, events: Events | None = None) -> Response:
+    """The answer as server-sent events (`events`: their format, AnswerEvents by default). The response starts with
+    the first piece of text, so a request that fails before it (queue full, time budget, a prompt the context cannot
+    hold) gets its status and error envelope like any other; a failure after it is the stream's last event."""
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue[str | None] = asyncio.Queue()  # None, last: the outcome is in
     request.on_text = lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text)
@@ -56,30 +85,34 @@ async def stream_answer(batcher: Batcher, request: GenerationRequest, deadline: 
         outcome.cancel()
         raise
     # X-Accel-Buffering: a reverse proxy (nginx) in front of `docker run` would otherwise hold the events back.
-    return StreamingResponse(_events(first, pieces, outcome, request, started, request_id), media_type=MEDIA_TYPE,
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    body = _events(first, pieces, outcome, request, started, request_id, events or AnswerEvents())
+    return StreamingResponse(body, media_type=MEDIA_TYPE, headers={"Cache-Control": "no-cache",
+                                                                  "X-Accel-Buffering": "no"})
 
 
 async def _events(first: str | None, pieces: asyncio.Queue, outcome: asyncio.Future, request: GenerationRequest,
-                  started: float, request_id: str | None):
+                  started: float, request_id: str | None, events: Events):
     """The events of one streamed answer. Its access log line says 200 (the status went out with the first piece),
     so an error event is logged here too, with the request id."""
     try:
+        for chunk in events.opening():
+            yield chunk
         piece = first
         while piece is not None:
-            yield event({"delta": piece})
+            yield events.delta(piece)
             piece = await _next_piece(pieces)
         try:
             result = _result_of(outcome)
         except ApiError as e:
             log.warning("request %s: the stream ended with %s (%s)", request_id, e.code, e.message)
-            yield event(e.body())
-            return
+            ending = events.failure(e)
         except Exception:  # noqa: BLE001 - our bug: logged, and the stream still ends with an error event
             log.exception("request %s: internal error while streaming an answer", request_id)
-            yield event(internal_error().body())
-            return
-        yield event(reply_body(result, round(1000 * (time.monotonic() - started), 1)))
+            ending = events.failure(internal_error())
+        else:
+            ending = events.final(result, round(1000 * (time.monotonic() - started), 1))
+        for chunk in ending:
+            yield chunk
     finally:  # also when the client went away: its row stops at the next token
         request.cancelled = True
         outcome.cancel()
