@@ -1,4 +1,4 @@
-"""`llava-sm data synth OUT_DIR`: synthetic chart-QA data (the generator of train/synth.py, same options).
+"""`llava-sm data synth OUT_DIR`: synthetic chart-QA data (the generator of datagen/synth.py, same options).
 
     llava-sm data synth data/charts -n 2000                        # 336-672 px charts, every question type
     llava-sm data synth data/mine --tables my_tables.csv --variants 5   # your own tables in 5 styles each
@@ -15,7 +15,7 @@ from typing import Any
 
 
 def add_parser(subparsers: Any) -> None:
-    from train import synth
+    from datagen import synth
 
     data = subparsers.add_parser("data", help="data tools: `data synth` draws synthetic chart-QA data",
                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,7 +29,7 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import logging
 
-    from train import synth
+    from datagen import synth
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return synth.run(args)

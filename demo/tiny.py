@@ -1,11 +1,11 @@
 """Tiny LLaVA artifacts built from config, fully offline: for tests, the README's default run and the CPU demo.
 
-    python -m train.tiny OUT_DIR [--preset test|demo] [--corpus FILE] [--version v1] [--seed 0]
+    python -m demo.tiny OUT_DIR [--preset test|demo] [--corpus FILE] [--version v1] [--seed 0]
 
 The model is a real `LlavaForConditionalGeneration` (CLIP vision tower + projector + Llama decoder) with a
 byte-level BPE tokenizer trained on the given corpus, saved with `train.artifact.save_artifact` exactly as a
 fine-tuned model is. Every Linear that bitsandbytes quantises has in_features that are multiples of 64, because
-bnb's CPU 4-bit kernel repacks weights in blocks of 64 (../shared/notes/stack.md, gotcha 1).
+bnb's CPU 4-bit kernel repacks weights in blocks of 64.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ PRESETS = {
     "test": TinyPreset(image_size=32, patch_size=8, vision_hidden=32, vision_layers=2, vision_heads=4,
                        text_hidden=64, text_layers=2, text_heads=4, text_kv_heads=2, vocab_size=400,
                        max_positions=512, vision_feature_layer=-2),
-    # Sized to learn chart type and title on 2 CPU cores in minutes (../shared/notes/demo-feasibility.md).
+    # Sized to learn chart type and title on 2 CPU cores in minutes (docs/demo.md, "Why these settings").
     # vision_feature_layer=-1: on a 2-layer tower, LLaVA's usual -2 would silently read layer 1 only.
     "demo": TinyPreset(image_size=96, patch_size=12, vision_hidden=128, vision_layers=2, vision_heads=2,
                        text_hidden=128, text_layers=2, text_heads=2, text_kv_heads=2, vocab_size=400,
@@ -128,12 +128,12 @@ def build_tiny_artifact(out_dir: str | Path, preset: str = "test", corpus: list[
     model, processor = build_tiny_model_and_processor(preset, corpus, version=version, seed=seed)
     return save_artifact(out_dir, model, processor,
                          generation_defaults={"max_new_tokens": max_new_tokens},
-                         training_config={"made_by": "train.tiny", "preset": preset, "version": version,
+                         training_config={"made_by": "demo.tiny", "preset": preset, "version": version,
                                           "seed": seed, "image_aspect_ratio": "pad"})
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.tiny", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m demo.tiny", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="test")
     parser.add_argument("--corpus", help="text file whose lines train the tokenizer (plus a small default corpus)")

@@ -17,7 +17,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from train.charts import KINDS
+from datagen.charts import KINDS
 
 
 class TableError(ValueError):
@@ -75,8 +75,8 @@ THEMES: dict[str, Theme] = {
     "ages": Theme(("Age of respondents", "Customers by age", "Age groups"),
                   ("Under 18", "18-29", "30-44", "45-59", "60+"), ordered=True),
 }
-# The demo's small vocabulary: one-word titles and short labels a 96 px chart can show
-# (../shared/notes/demo-feasibility.md: 8 titles, 10 fruit names).
+# The demo's small vocabulary: one-word titles and short labels a 96 px chart can show (8 titles, 10 fruit
+# names; the recipe is in docs/demo.md).
 DEMO_THEMES: dict[str, Theme] = {
     "demo": Theme(("Sales", "Harvest", "Prices", "Exports", "Stock", "Orders", "Demand", "Imports"),
                   ("Apple", "Kiwi", "Fig", "Plum", "Pear", "Lime", "Mango", "Lemon", "Date", "Grape")),
