@@ -14,6 +14,7 @@ HF-native model are checked rather than ignored: there (`--mm_use_im_start_end T
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import json
 import typing
 from collections.abc import Mapping, Sequence
@@ -302,8 +303,9 @@ def _single_file(channel: Path) -> Path:
 
 
 def deepspeed_dir() -> Path:
-    """container/deepspeed in the source tree (the training image copies the repo, configs included)."""
-    return Path(__file__).resolve().parents[1] / "container" / "deepspeed"
+    """The shipped ZeRO presets: package data (train/deepspeed/*.json), so a wheel carries them. A directory on disk:
+    DeepSpeed takes a file path, and pip installs packages unpacked."""
+    return Path(importlib.resources.files("train").joinpath("deepspeed"))
 
 
 def resolve_deepspeed(value: str) -> tuple[str, str | None]:
