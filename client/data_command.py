@@ -28,8 +28,15 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import logging
+    import sys
 
+    from client.local_commands import missing_extra
     from datagen import synth
+
+    problem = missing_extra("train", ("matplotlib", "PIL", "tqdm"))  # what drawing needs, not torch
+    if problem:
+        print(f"llava-sm data synth: {problem}", file=sys.stderr)
+        return 1
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return synth.run(args)

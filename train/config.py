@@ -273,7 +273,7 @@ def apply_environment_defaults(cfg: TrainConfig, sources: dict[str, str], paths:
                 setattr(cfg, name, str(_single_file(paths.channel(channel)) if name != "model_name_or_path"
                                        else paths.channel(channel)))
                 sources[name] = f"SageMaker channel '{channel}'"
-        # `llava-sm train --images s3://...` mounts the image folder as its own channel.
+        # `llava-sm submit --images s3://...` mounts the image folder as its own channel.
         if cfg.image_folder is None and paths.channel("images").is_dir():
             cfg.image_folder = str(paths.channel("images"))
             sources["image_folder"] = "SageMaker channel 'images'"
