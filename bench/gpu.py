@@ -243,10 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from bench.samples import chart_image, encode
+    from demo.tiny import build_tiny_artifact
     from serve.engine.accel import AccelConfig
     from serve.engine.model import load_artifact
     from serve.http.app import freeze_startup_heap
-    from train.tiny import build_tiny_artifact
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if not args.tiny and device == "cpu":

@@ -39,8 +39,8 @@ def llava15_processor(tokenizer: Any = None) -> Any:
     `tokenizer`, by default a small offline one (no hub)."""
     from transformers import LlavaProcessor
 
+    from demo.tiny import DEFAULT_CORPUS, train_tokenizer
     from train.artifact import configure_processor
-    from train.tiny import DEFAULT_CORPUS, train_tokenizer
 
     processor = LlavaProcessor(image_processor=llava15_image_processor(),
                                tokenizer=tokenizer or train_tokenizer(DEFAULT_CORPUS, vocab_size=600), patch_size=14,

@@ -3,7 +3,7 @@
 Each option is a dataclass field with `metadata={"help": ...}`; `add_arguments` turns the fields into flags
 (`instance_type` -> `--instance-type`; bool -> `--x/--no-x`; dict -> repeatable `--x KEY=VALUE`; list -> repeatable
 `--x A[,B]`), and `resolve` merges them over the YAML file. A YAML file holds option names (snake_case) at the top
-level and/or in a section per command (`train:`, `deploy:`, ...); a section wins over the top level, and sections of
+level and/or in a section per command (`submit:`, `deploy:`, ...); a section wins over the top level, and sections of
 other commands are ignored. Unknown keys and wrongly typed values are problems, and every problem found is reported
 together in one `OptionsError` before any AWS request is made. The validators here are shared by the commands.
 """
@@ -18,7 +18,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-COMMAND_SECTIONS = ("train", "package", "deploy", "predict", "delete", "eval", "data")
+COMMAND_SECTIONS = ("submit", "package", "deploy", "predict", "delete", "eval", "data")
 
 INSTANCE_TYPE = re.compile(r"^ml\.[a-z0-9][a-z0-9-]*\.[a-z0-9]+$")
 ROLE_ARN = re.compile(r"^arn:aws[a-z\-]*:iam::\d{12}:role/?[a-zA-Z_0-9+=,.@\-_/]+$")
@@ -103,6 +103,8 @@ def load_yaml(path: str | None, command: str) -> tuple[dict[str, Any], list[str]
         return {}, [f"--config {path}: not valid YAML: {e}"]
     if not isinstance(data, dict):
         return {}, [f"--config {path}: expected a mapping of option names, got {type(data).__name__}"]
+    if command == "submit" and isinstance(data.get("train"), dict):  # `train` is submit's data option, not a section
+        return {}, [f"--config {path}: the section of `llava-sm submit` is `submit:`, not `train:`"]
     merged = {k: v for k, v in data.items() if k not in COMMAND_SECTIONS}
     section = data.get(command) or {}
     if not isinstance(section, dict):

@@ -1,7 +1,7 @@
-"""`llava-sm train`: submit a SageMaker training job for the training image (CreateTrainingJob through boto3).
+"""`llava-sm submit`: submit a SageMaker training job for the training image (CreateTrainingJob through boto3).
 
-    llava-sm train --config job.yaml --dry-run        # print the CreateTrainingJob request, send nothing
-    llava-sm train --config job.yaml --wait           # submit, then stream status changes and CloudWatch logs
+    llava-sm submit --config job.yaml --dry-run       # print the CreateTrainingJob request, send nothing
+    llava-sm submit --config job.yaml --wait          # submit, then stream status changes and CloudWatch logs
 
 Channels `train`, `validation`, `images` (and any extra `--channel NAME=s3://...`) are mounted in FastFile mode at
 /opt/ml/input/data/<channel>; hyperparameters reach `python -m train` through hyperparameters.json (non-string YAML
@@ -235,7 +235,7 @@ def report_job(desc: dict[str, Any]) -> int:
 
 
 def add_parser(subparsers: Any) -> None:
-    parser = subparsers.add_parser("train", help="submit a SageMaker training job", description=__doc__,
+    parser = subparsers.add_parser("submit", help="submit a SageMaker training job", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     o.add_arguments(parser, TrainOptions)
     parser.add_argument("--dry-run", action="store_true", help="print the CreateTrainingJob request; send nothing")
@@ -247,8 +247,8 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from client.aws import Clients
 
-    opts, sources = o.resolve(TrainOptions, args, "train")
-    print(f"train options: {o.describe_sources(opts, sources)}", file=sys.stderr)
+    opts, sources = o.resolve(TrainOptions, args, "submit")
+    print(f"submit options: {o.describe_sources(opts, sources)}", file=sys.stderr)
     if opts.spot and not opts.checkpoint_s3_uri:
         print("note: --spot without --checkpoint-s3-uri: an interrupted job restarts from step 0", file=sys.stderr)
     request = build_request(opts)

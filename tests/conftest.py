@@ -37,7 +37,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory) -> str:
     """Path of a tiny `test`-preset artifact (model dir) shared by the whole session. Treat it as read-only."""
-    from train.tiny import build_tiny_artifact
+    from demo.tiny import build_tiny_artifact
 
     return str(build_tiny_artifact(tmp_path_factory.mktemp("artifact") / "tiny"))
 

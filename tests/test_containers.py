@@ -303,7 +303,7 @@ def test_training_image_trains_and_leaves_a_servable_merged_model(engine, images
         assert (model / name).is_file(), name
     record = json.loads((model / "training_config.json").read_text())
     assert record["lora_enable"] is True and record["global_step"] == 2
-    assert record["deepspeed"] == "/opt/program/container/deepspeed/zero2.json"  # the preset shipped in the image
+    assert record["deepspeed"] == "/opt/program/train/deepspeed/zero2.json"  # the preset shipped in the image
     assert json.loads((ml / "input" / "config" / "hyperparameters.json").read_text()) == TRAIN_HPS
     assert (ml / "checkpoints" / "checkpoint-2").is_dir()
 

@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from train.checkpoints import find_resume_checkpoint
-from train.config import ConfigError, deepspeed_dir, deepspeed_stage, resolve_config
+from train.config import (
+    DEEPSPEED_PRESETS,
+    ConfigError,
+    deepspeed_dir,
+    deepspeed_stage,
+    resolve_config,
+    resolve_deepspeed,
+)
 from train.config_checks import LR_SCHEDULERS
 from train.launch import ensure_rendezvous_env, torchrun_command
 from train.logs import METRIC_DEFINITIONS
@@ -206,6 +213,18 @@ def test_torchrun_plans():
     env: dict[str, str] = {}
     ensure_rendezvous_env(env)
     assert env["RANK"] == "0" and env["WORLD_SIZE"] == "1" and int(env["MASTER_PORT"]) > 0
+
+
+def test_deepspeed_presets_are_package_data_beside_the_code():
+    """Each preset name resolves to a file inside the imported train package (what a wheel installs), not to a path
+    relative to the working directory or the source checkout; tests/test_wheel.py repeats this from a wheel."""
+    import train
+
+    for name in DEEPSPEED_PRESETS:
+        path, note = resolve_deepspeed(name)
+        assert note is None
+        assert Path(path) == Path(train.__file__).parent / "deepspeed" / f"{name}.json"
+        assert Path(path).is_file()
 
 
 def test_shipped_deepspeed_configs():

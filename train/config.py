@@ -14,6 +14,7 @@ HF-native model are checked rather than ignored: there (`--mm_use_im_start_end T
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import json
 import typing
 from collections.abc import Mapping, Sequence
@@ -272,7 +273,7 @@ def apply_environment_defaults(cfg: TrainConfig, sources: dict[str, str], paths:
                 setattr(cfg, name, str(_single_file(paths.channel(channel)) if name != "model_name_or_path"
                                        else paths.channel(channel)))
                 sources[name] = f"SageMaker channel '{channel}'"
-        # `llava-sm train --images s3://...` mounts the image folder as its own channel.
+        # `llava-sm submit --images s3://...` mounts the image folder as its own channel.
         if cfg.image_folder is None and paths.channel("images").is_dir():
             cfg.image_folder = str(paths.channel("images"))
             sources["image_folder"] = "SageMaker channel 'images'"
@@ -302,8 +303,9 @@ def _single_file(channel: Path) -> Path:
 
 
 def deepspeed_dir() -> Path:
-    """container/deepspeed in the source tree (the training image copies the repo, configs included)."""
-    return Path(__file__).resolve().parents[1] / "container" / "deepspeed"
+    """The shipped ZeRO presets: package data (train/deepspeed/*.json), so a wheel carries them. A directory on disk:
+    DeepSpeed takes a file path, and pip installs packages unpacked."""
+    return Path(importlib.resources.files("train").joinpath("deepspeed"))
 
 
 def resolve_deepspeed(value: str) -> tuple[str, str | None]:

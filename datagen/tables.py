@@ -17,7 +17,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from train.charts import KINDS
+from datagen.charts import KINDS
 
 
 class TableError(ValueError):

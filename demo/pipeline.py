@@ -1,11 +1,11 @@
 """The offline end-to-end demo (`bash scripts/demo.sh`): synthetic charts -> a small LLaVA -> fine-tune -> serve ->
 ask through the client -> evaluation table for the untrained and the fine-tuned model, with the blank-image control.
 
-    python -m client.demo [--workdir runs/demo] [--quick] [--steps 1800] [--charts 1700] [--lora]
+    python -m demo [--workdir runs/demo] [--quick] [--steps 1800] [--charts 1700] [--lora]
 
 Every stage runs the project's real entry point as a subprocess, exactly as a user would type it:
-    1 data      python -m train.synth DIR --preset demo          (96 px charts, one-word titles, fruit labels)
-    2 base      python -m train.tiny DIR --preset demo --corpus data/corpus.txt   (a from-scratch 1.1 M LLaVA)
+    1 data      python -m datagen DIR --preset demo              (96 px charts, one-word titles, fruit labels)
+    2 base      python -m demo.tiny DIR --preset demo --corpus data/corpus.txt   (a from-scratch 1.1 M LLaVA)
     3 untrained python -m client.cli eval --model-dir base       (the score to beat)
     4 train     python -m train ...                              (full fine-tuning, or --lora: LoRA then merge)
     5 serve     python -m serve                                  (SM_MODEL_DIR=model, on 127.0.0.1)
@@ -173,10 +173,10 @@ def run_demo(cfg: DemoConfig) -> int:
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     os.environ.update(env)
     started = time.monotonic()
-    synth = ["-m", "train.synth", str(work / "data"), "--preset", "demo", "-n", str(cfg.charts),
+    synth = ["-m", "datagen", str(work / "data"), "--preset", "demo", "-n", str(cfg.charts),
              "--val-fraction", str(cfg.val_fraction), "--seed", str(cfg.seed), "--overwrite"]
     stage(cfg, "data", synth + (["--quiet"] if cfg.quick else []))
-    stage(cfg, "base", ["-m", "train.tiny", str(work / "base"), "--preset", "demo", "--version", "plain",
+    stage(cfg, "base", ["-m", "demo.tiny", str(work / "base"), "--preset", "demo", "--version", "plain",
                         "--corpus", str(work / "data" / "corpus.txt"), "--seed", str(cfg.seed)])
     stage(cfg, "untrained", eval_argv(cfg, work, "untrained", "eval-untrained",
                                       ["--model-dir", str(work / "base")], "--no-blank"))
@@ -203,7 +203,7 @@ def run_demo(cfg: DemoConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m client.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="runs/demo", help="where data, models, logs and reports go")
     parser.add_argument("--quick", action="store_true", help="every stage, a few charts and steps (CI)")
     parser.add_argument("--charts", type=int, help="charts to synthesize (default 1700; --quick 16)")

@@ -1,4 +1,4 @@
-"""Chart drawing for the synthetic chart-QA data (train/synth.py): a `Chart` (table + kind + style) -> a PNG.
+"""Chart drawing for the synthetic chart-QA data (datagen/synth.py): a `Chart` (table + kind + style) -> a PNG.
 
 Everything a question can ask about is drawn: the title, every category label, every value (percentages on pies
 and donuts), and colours that have a plain name ("blue"), so each answer is readable from the image alone.

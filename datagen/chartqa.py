@@ -1,4 +1,4 @@
-"""Question-answer pairs for a chart, every answer computed from the chart's table (train/synth.py draws them).
+"""Question-answer pairs for a chart, every answer computed from the chart's table (datagen/synth.py draws them).
 
 Question types (QUESTION_TYPES): chart_type, title, count (categories, or stages of a funnel), largest, smallest,
 value (a category's value, or its percentage on a pie/donut), compare (which of two is larger), color (of the bars /
@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from train.charts import KIND_NAMES, SINGLE_COLOUR_KINDS, Chart, format_value, percentages
+from datagen.charts import KIND_NAMES, SINGLE_COLOUR_KINDS, Chart, format_value, percentages
 
 QUESTION_TYPES = ("chart_type", "title", "count", "largest", "smallest", "value", "compare", "color")
 

@@ -1,7 +1,7 @@
 """Synthetic chart-QA data in the LLaVA conversation format: pie, donut, funnel, bar (vertical and horizontal) and
 line charts drawn with matplotlib, each with question-answer pairs answerable from the image alone.
 
-    python -m train.synth OUT_DIR [-n 1000] [--seed 0] [--preset default|demo] [--tables my_tables.csv] ...
+    python -m datagen OUT_DIR [-n 1000] [--seed 0] [--preset default|demo] [--tables my_tables.csv] ...
     llava-sm data synth OUT_DIR ...            (the same options)
 
 Writes, ready for `python -m train --data_path OUT/train/dataset.json --validation_data_path
@@ -10,7 +10,7 @@ OUT/validation/dataset.json --image_folder OUT/images`:
     train/dataset.json            LLaVA records; the split is by table, so no chart (or table) is in both splits
     validation/dataset.json       each record: id, image, conversations (+ chart_type, question_types per QA pair)
     charts.jsonl                  every chart's table, style, split and QAs (answers are computed from the table)
-    corpus.txt                    every question and answer once (`python -m train.tiny --corpus` for the demo)
+    corpus.txt                    every question and answer once (`python -m demo.tiny --corpus` for the demo)
     summary.json                  counts per split, chart type and question type
 Generation is deterministic: chart i depends only on (seed, i), never on the number of worker processes.
 """
@@ -28,9 +28,9 @@ from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from train.chartqa import QUESTION_TYPES, questions_for
-from train.charts import BACKGROUNDS, COLOUR_NAMES, FONTS, KINDS, PALETTES, Chart, Style, draw_chart
-from train.tables import DEMO_THEMES, THEMES, Table, compatible_kinds, load_tables, random_table
+from datagen.chartqa import QUESTION_TYPES, questions_for
+from datagen.charts import BACKGROUNDS, COLOUR_NAMES, FONTS, KINDS, PALETTES, Chart, Style, draw_chart
+from datagen.tables import DEMO_THEMES, THEMES, Table, compatible_kinds, load_tables, random_table
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class SynthConfig:
     square: bool = False             # square images only (otherwise aspect ratios 1:1 to 16:9, both ways)
     min_categories: int = 3
     max_categories: int = 6
-    tables: str | None = None        # CSV/JSON/JSONL file of your own tables (train/tables.py)
+    tables: str | None = None        # CSV/JSON/JSONL file of your own tables (datagen/tables.py)
     variants: int = 1                # charts drawn per table of `tables`, each with its own style (and kind)
     pack: bool = True                # one multi-turn conversation per chart (else one record per QA pair)
     vocabulary: str = "default"      # "default" (themed tables) or "demo" (one-word titles, fruit names)
@@ -273,7 +273,7 @@ def _draw_all(charts: list[Chart], images: Path, config: SynthConfig) -> None:
 # ---- command line ----------------------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The generator's options (shared by `python -m train.synth` and `llava-sm data synth`)."""
+    """The generator's options (shared by `python -m datagen` and `llava-sm data synth`)."""
     parser.add_argument("out_dir", help="output folder (images/, train/, validation/, ...)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
                         help="'demo': 96 px square charts, small vocabulary, the questions a CPU demo learns")
@@ -340,7 +340,7 @@ def _range(text: str) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.synth", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m datagen", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

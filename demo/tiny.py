@@ -1,6 +1,6 @@
 """Tiny LLaVA artifacts built from config, fully offline: for tests, the README's default run and the CPU demo.
 
-    python -m train.tiny OUT_DIR [--preset test|demo] [--corpus FILE] [--version v1] [--seed 0]
+    python -m demo.tiny OUT_DIR [--preset test|demo] [--corpus FILE] [--version v1] [--seed 0]
 
 The model is a real `LlavaForConditionalGeneration` (CLIP vision tower + projector + Llama decoder) with a
 byte-level BPE tokenizer trained on the given corpus, saved with `train.artifact.save_artifact` exactly as a
@@ -129,12 +129,12 @@ def build_tiny_artifact(out_dir: str | Path, preset: str = "test", corpus: list[
     model, processor = build_tiny_model_and_processor(preset, corpus, version=version, seed=seed)
     return save_artifact(out_dir, model, processor,
                          generation_defaults={"max_new_tokens": max_new_tokens},
-                         training_config={"made_by": "train.tiny", "preset": preset, "version": version,
+                         training_config={"made_by": "demo.tiny", "preset": preset, "version": version,
                                           "seed": seed, "image_aspect_ratio": "pad"})
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.tiny", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m demo.tiny", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="test")
     parser.add_argument("--corpus", help="text file whose lines train the tokenizer (plus a small default corpus)")
