@@ -6,9 +6,10 @@ A request with `"stream": true` is answered `text/event-stream`:
     data: {"delta": " bar is 2021"}
     data: {"answer": "The highest bar is 2021", "usage": {...}, "finish_reason": "stop", "latency_ms": 412.0}
 
-or, for a failure after the stream started, `data: {"error": {"code": "timeout", "message": "..."}}` as the last
-event. The deltas concatenate to the final `answer`, which is the same answer a non-streamed request gets; what may
-be shown after each token is decided on the generation thread (serve/engine/textstream.py).
+(the last event also carries "json", the parsed answer, when the request had a `json_schema`) or, for a failure
+after the stream started, `data: {"error": {"code": "timeout", "message": "..."}}` as the last event. The deltas
+concatenate to the final `answer`, which is the same answer a non-streamed request gets; what may be shown after
+each token is decided on the generation thread (serve/engine/textstream.py).
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ async def _events(first: str | None, pieces: asyncio.Queue, outcome: asyncio.Fut
             log.exception("request %s: internal error while streaming an answer", request_id)
             yield event(internal_error().body())
             return
-        yield event(reply_body(result, round(1000 * (time.monotonic() - started), 1)))
+        yield event(reply_body(result, round(1000 * (time.monotonic() - started), 1),
+                               structured=request.json_schema is not None))
     finally:  # also when the client went away: its row stops at the next token
         request.cancelled = True
         outcome.cancel()
