@@ -18,7 +18,7 @@ predictor's row tracker, or a scheduler that steps rows itself):
   needed. A row whose JSON is still open when max_new_tokens or a stop string ends it is cut like any other
   (finish_reason "length" leaves invalid JSON, as OpenAI's API does).
 
-Answers are compact JSON with `", "` and `": "` separators (the style models see most): no free whitespace, so a
+Answers are JSON with `", "` and `": "` separators (Python's `json.dumps` style) and no other whitespace, so a
 model cannot pad an answer with blanks until its token budget runs out. Logits wider than the tokenizer (LLaVA's
 lm_head is padded past its vocabulary) are masked past it too. Schema features llguidance does not implement
 (`not`, `if`/`then`, `uniqueItems`, ...) are refused with 400 `invalid_json_schema` rather than ignored.
@@ -78,10 +78,10 @@ class GrammarState:
         return self._matcher.is_error()
 
     def fill_bitmask(self, bitmask: Any, index: int) -> None:
-        """Write the allowed next tokens into row `index` of `bitmask` (a contiguous CPU int32 tensor of
+        """Write the allowed next tokens into row `index` of `bitmask` (a C-contiguous numpy int32 array of
         `bitmask_words(vocab_size)` columns; bit t % 32 of word t // 32 set = token t allowed)."""
         row = bitmask[index]
-        self._matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
+        self._matcher.unsafe_compute_mask_ptr(row.ctypes.data, row.nbytes)
 
 
 def bitmask_words(vocab_size: int) -> int:
@@ -90,35 +90,32 @@ def bitmask_words(vocab_size: int) -> int:
 
 def mask_logits(scores: Any, states: Sequence[GrammarState | None]) -> Any:
     """`scores` (batch, width) with every live constrained row's disallowed tokens at -inf; rows whose state is None
-    (or failed) are returned untouched. A new tensor: the input is not modified."""
+    (or failed) come back bit for bit as they were. A new tensor: the input is not modified.
+
+    The mask is built on the host (llguidance computes each row's bitmask, numpy unpacks them) and applied with one
+    `masked_fill` on the scores' device; on CUDA that is one host-to-device copy of batch x width bytes per step,
+    done while the forward pass's queued kernels may still be running."""
+    import numpy as np
     import torch
 
     live = [j for j, s in enumerate(states) if s is not None and not s.failed]
     if not live:
         return scores
-    vocab = states[live[0]].vocab_size
-    bitmask = torch.empty((len(live), bitmask_words(vocab)), dtype=torch.int32)
+    vocab, width = states[live[0]].vocab_size, scores.shape[1]
+    bitmask = np.empty((len(live), bitmask_words(vocab)), dtype=np.int32)
     for k, j in enumerate(live):
         states[j].fill_bitmask(bitmask, k)
-    allowed = _unpack(bitmask.to(scores.device), vocab, scores.shape[1])
-    # A row the grammar left no token (it cannot happen with a consistent tokenizer) keeps its scores: its next
-    # token then fails `accept` and the row fails alone, where all -inf would break sampling for the whole batch.
-    allowed |= ~allowed.any(dim=1, keepdim=True)
-    index = torch.tensor(live, device=scores.device)
-    out = scores.clone()
-    out[index] = scores[index].masked_fill(~allowed, float("-inf"))
-    return out
-
-
-def _unpack(words: Any, vocab: int, width: int) -> Any:
-    """(rows, words) int32 bitmasks -> (rows, width) bool; columns past the vocabulary are never allowed."""
-    import torch
-
-    shifts = torch.arange(32, dtype=torch.int32, device=words.device)
-    bits = ((words.unsqueeze(-1) >> shifts) & 1).bool().view(words.shape[0], -1)[:, :vocab]
-    if width <= vocab:
-        return bits[:, :width].contiguous()
-    return torch.nn.functional.pad(bits, (0, width - vocab), value=False)
+    n = min(vocab, width)
+    # Bit t % 32 of word t // 32 is bit t % 8 of byte t // 8 on little-endian hosts (x86-64, ARM64).
+    allowed = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :n]
+    blocked = np.zeros((scores.shape[0], width), dtype=np.bool_)
+    for k, j in enumerate(live):
+        # A row the grammar left no token (it cannot happen with a consistent tokenizer) keeps its scores: its next
+        # token then fails `accept` and the row fails alone, where all -inf would break sampling for the batch.
+        if allowed[k].any():
+            np.equal(allowed[k], 0, out=blocked[j, :n])
+            blocked[j, n:] = True  # past the tokenizer's vocabulary (a wider lm_head): never
+    return scores.masked_fill(torch.from_numpy(blocked).to(scores.device), float("-inf"))
 
 
 class GrammarLogits:
