@@ -3,6 +3,7 @@
     from client import predict, predict_full, ClientError
     predict("chart.png", "What is the highest value?", url="http://localhost:8080")
     predict("s3://bucket/chart.png", "...", endpoint_name="llava-chart", region="eu-west-1")
+    predict("chart.png", "Title and type?", json_schema={"type": "object", ...})   # -> the parsed JSON object
 
 Standard library only (urllib), plus boto3 for the endpoint path, imported when first used: importing this module
 never pulls in torch, transformers or PIL. Server errors (`{"error": {"code", "message"}}`) become
@@ -39,7 +40,8 @@ class ClientError(Exception):
 
     `status` is the HTTP status the server answered with (None when no answer came back: connection refused,
     client-side timeout); `code` is the server's stable error code (see docs/serving.md) or one of the client's own:
-    `connection_error`, `timeout`, `payload_too_large` (checked before sending to an endpoint), `invalid_response`.
+    `connection_error`, `timeout`, `payload_too_large` (checked before sending to an endpoint), `invalid_response`,
+    `incomplete_json` (`predict` with a json_schema, when the answer's JSON was cut short).
     """
 
     def __init__(self, status: int | None, code: str, message: str, *, retry_after: float | None = None):
@@ -50,9 +52,27 @@ class ClientError(Exception):
         self.retry_after = retry_after  # the server's Retry-After hint, seconds
 
 
-def predict(image: Any, question: str, **kwargs: Any) -> str:
-    """The answer to `question` about `image`. Takes the same arguments as `predict_full`."""
-    return predict_full(image, question, **kwargs)["answer"]
+def predict(image: Any, question: str, **kwargs: Any) -> Any:
+    """The answer to `question` about `image`. Takes the same arguments as `predict_full`.
+
+    With `json_schema`, the answer parsed (the server decodes it under the schema); a ClientError with the client's
+    code `incomplete_json` when the answer ran out of tokens (or hit a stop string) before its JSON was complete."""
+    reply = predict_full(image, question, **kwargs)
+    if kwargs.get("json_schema") is None:
+        return reply["answer"]
+    return json_of(reply)
+
+
+def json_of(reply: dict[str, Any]) -> Any:
+    """The parsed answer of a reply to a request with a json_schema (its "json" field)."""
+    if "json" not in reply:
+        raise ClientError(200, "invalid_response", "the reply has no 'json' field: does the server support "
+                                                   "json_schema?")
+    if reply["json"] is None and reply["answer"].strip() != "null":
+        raise ClientError(200, "incomplete_json",
+                          f"the answer is not complete JSON (finish_reason {reply.get('finish_reason')!r}); raise "
+                          f"max_new_tokens or drop stop strings: {reply['answer'][:200]!r}")
+    return reply["json"]
 
 
 def predict_full(
@@ -65,6 +85,7 @@ def predict_full(
     top_p: float | None = None,
     max_new_tokens: int | None = None,
     stop: list[str] | None = None,
+    json_schema: dict[str, Any] | None = None,
     timeout: float = TIMEOUT_S,
     retries: int = RETRIES,
     backoff: float = BACKOFF_S,
@@ -73,7 +94,8 @@ def predict_full(
     endpoint_url: str | None = None,
     runtime_client: Any = None,
 ) -> dict[str, Any]:
-    """The server's full reply: `{"answer", "usage": {"prompt_tokens", "completion_tokens"}, "latency_ms"}`.
+    """The server's full reply: `{"answer", "usage": {"prompt_tokens", "completion_tokens"}, "finish_reason",
+    "latency_ms"}`, plus `"json"` (the answer parsed, or None when it is not complete JSON) with a `json_schema`.
 
     image: a local path, bytes, a PIL image (sent as base64), or an http(s):// / s3:// URL (passed through for the
         server to fetch). Generation options left as None use the model's defaults.
@@ -81,23 +103,28 @@ def predict_full(
         called through boto3 with `region` / `profile` / `endpoint_url` (or a ready `runtime_client`).
     timeout: seconds to wait for the answer; retries: extra attempts after a connection failure or a 503, waiting
         backoff * 2**attempt seconds (or the server's Retry-After, if longer; at most 10 s) before each.
+    json_schema: a JSON Schema (a dict) the answer must follow; the server checks it (400 `invalid_json_schema`).
     """
     return ask(image, question, url=url, endpoint_name=endpoint_name, temperature=temperature, top_p=top_p,
-               max_new_tokens=max_new_tokens, stop=stop, timeout=timeout, retries=retries, backoff=backoff,
-               region=region, profile=profile, endpoint_url=endpoint_url, runtime_client=runtime_client)
+               max_new_tokens=max_new_tokens, stop=stop, json_schema=json_schema, timeout=timeout, retries=retries,
+               backoff=backoff, region=region, profile=profile, endpoint_url=endpoint_url,
+               runtime_client=runtime_client)
 
 
 def ask(image: Any, question: str, *, url: str | None = None, endpoint_name: str | None = None,
         temperature: float | None = None, top_p: float | None = None, max_new_tokens: int | None = None,
-        stop: list[str] | None = None, timeout: float = TIMEOUT_S, retries: int = RETRIES, backoff: float = BACKOFF_S,
-        region: str | None = None, profile: str | None = None, endpoint_url: str | None = None,
-        runtime_client: Any = None, stream: bool = False) -> Any:
+        stop: list[str] | None = None, json_schema: dict[str, Any] | None = None, timeout: float = TIMEOUT_S,
+        retries: int = RETRIES, backoff: float = BACKOFF_S, region: str | None = None, profile: str | None = None,
+        endpoint_url: str | None = None, runtime_client: Any = None, stream: bool = False) -> Any:
     """One request to a server or an endpoint, with retries: the reply, or with `stream` an open
     client.stream.AnswerStream (retries then cover only the time before its first piece)."""
     if url and endpoint_name:
         raise ValueError("pass either url= or endpoint_name=, not both")
+    if json_schema is not None and not isinstance(json_schema, dict):
+        raise TypeError(f"json_schema must be a dict (a JSON Schema), not {type(json_schema).__name__}")
     body = json.dumps(build_payload(image, question, temperature=temperature, top_p=top_p,
-                                    max_new_tokens=max_new_tokens, stop=stop, stream=stream or None)).encode()
+                                    max_new_tokens=max_new_tokens, stop=stop, json_schema=json_schema,
+                                    stream=stream or None)).encode()
     if stream:  # client.stream imports this module: imported here, when first needed
         from client.stream import open_endpoint_stream as via_endpoint
         from client.stream import open_url_stream as via_url

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from bench import gpu, load, model7b, preprocess, run_cpu
+from bench import constrained, gpu, load, model7b, preprocess, run_cpu
 from bench.report import markdown_table, percentile
 
 
@@ -69,6 +69,17 @@ def test_run_cpu_sweeps_sequential_and_batched_servers(tiny_artifact, tmp_path):
         assert row["speedup"] == pytest.approx(sum(speedups) / 2)  # the median of two rounds
         assert row["speedups"].count(" ") == 1
     assert "Batched vs sequential, median of 2 alternating rounds" in (tmp_path / "cpu_compare.md").read_text()
+
+
+def test_constrained_bench_compares_equal_token_counts(tiny_artifact, tmp_path):
+    assert constrained.main(["--tiny", "--model-dir", tiny_artifact, "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "constrained.json").read_text())
+    assert [r["batch"] for r in data["rows"]] == [1, 2]
+    for row in data["rows"]:
+        # no EOS, a schema no run completes: both sides decode the whole budget, so tokens/s compare per token
+        assert row["tokens"] == f"{4 * row['batch']} / {4 * row['batch']}"
+        assert row["plain_tok_s"] > 0 and row["constrained_tok_s"] > 0 and row["ratio"] > 0
+    assert data["compile_ms"] > data["cached_ms"] >= 0
 
 
 def test_gpu_script_tiny_mode_runs_every_measurement(tmp_path):

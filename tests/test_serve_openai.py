@@ -31,6 +31,11 @@ QUESTION = "What type of chart is this?"
 MODEL = "chart-llava"
 
 
+CHART_SCHEMA = {"type": "object", "properties": {"kind": {"enum": ["bar", "line", "pie"]},
+                                                "bars": {"type": "integer", "minimum": 0, "maximum": 9}},
+                "required": ["kind", "bars"], "additionalProperties": False}
+
+
 def data_uri(image: bytes = b"") -> str:
     return "data:image/png;base64," + base64.b64encode(image or png_bytes()).decode()
 
@@ -161,6 +166,30 @@ def test_greedy_chat_answers_equal_invocations_answers(client, server):
     assert same.choices[0].message.content == reference["answer"]
 
 
+def test_response_format_json_schema_answers_follow_the_schema(client):
+    import jsonschema
+
+    response_format = {"type": "json_schema", "json_schema": {"name": "chart", "strict": True, "schema": CHART_SCHEMA}}
+    kwargs = dict(model=MODEL, messages=[user(QUESTION, data_uri())], temperature=0, max_tokens=64,
+                  response_format=response_format)
+    reply = client.chat.completions.create(**kwargs)
+    assert reply.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(reply.choices[0].message.content), CHART_SCHEMA)
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**kwargs, stream=True))
+    assert streamed == reply.choices[0].message.content
+
+
+def test_response_format_json_object_answers_an_object(client):
+    """Any JSON object: the tiny model may keep adding keys until max_tokens, so a complete answer must parse and a
+    cut one must still be the start of an object."""
+    reply = client.chat.completions.create(model=MODEL, messages=[user(QUESTION, data_uri())], temperature=0,
+                                           max_tokens=64, response_format={"type": "json_object"})
+    text, reason = reply.choices[0].message.content, reply.choices[0].finish_reason
+    assert text.startswith("{") and reason in ("stop", "length")
+    if reason == "stop":
+        assert isinstance(json.loads(text), dict)
+
+
 def test_an_image_by_url_answers_as_the_same_image_inline(client, server, image_url):
     by_url = client.chat.completions.create(model=MODEL, messages=[user(QUESTION, image_url)], temperature=0,
                                             max_tokens=16)
@@ -272,10 +301,13 @@ REFUSED = {  # body -> (status, code, param, words in the message)
                      "messages.0.role", "critic"),
     "unknown part": ({**GOOD, "messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {}}]}]},
                      400, "invalid_request", "messages.0.content.0.type", "video_url"),
-    "json_object": ({**GOOD, "response_format": {"type": "json_object"}}, 400, "invalid_request",
-                    "response_format", "json_object"),
-    "json_schema": ({**GOOD, "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {}}}},
-                    400, "invalid_request", "response_format", "json_schema"),
+    "response_format type": ({**GOOD, "response_format": {"type": "yaml"}}, 400, "invalid_request",
+                             "response_format", "yaml"),
+    "json_schema without a schema": ({**GOOD, "response_format": {"type": "json_schema", "json_schema": {"name": "a"}}},
+                                     400, "invalid_request", "response_format", "schema"),
+    "invalid json_schema": ({**GOOD, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "a", "schema": {"type": "object", "properties": {"x": {"type": "no-such-type"}}}}}},
+        400, "invalid_json_schema", None, ""),
     "unknown model": ({**GOOD, "model": "gpt-4o"}, 404, "model_not_found", "model", "gpt-4o"),
     "unknown field": ({**GOOD, "reasoning_effort": "low"}, 400, "invalid_request", "reasoning_effort",
                       "not a field"),

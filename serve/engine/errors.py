@@ -18,6 +18,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "image_too_large": 400,
     "url_not_allowed": 400,
     "image_fetch_failed": 400,
+    "invalid_json_schema": 400,
     "not_found": 404,
     "model_not_found": 404,
     "method_not_allowed": 405,

@@ -10,6 +10,8 @@ max_new_tokens, stop strings and the deadline are checked per row after every to
 handed to `on_result` at once, so callers of short answers do not wait for the longest row; a request with
 `on_text` also gets its answer's pieces while it is generated (serve.engine.textstream). A row that cannot be
 prepared (a prompt longer than the model's context) fails alone; the others still run.
+A request with a `json_schema` is decoded under that schema's grammar (serve.engine.constrained), row by row: the
+other rows of its batch are untouched, and the row finishes ("stop") as soon as its JSON is complete.
 Prompts render with the chat template from the model dir (serve.engine.encoding) and pad on the left.
 """
 
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from serve.engine.accel import AccelConfig, Accelerator
+from serve.engine.constrained import GrammarLogits, GrammarState, JsonGrammar, JsonGrammars
 from serve.engine.encoding import Encoder
 from serve.engine.errors import ApiError, internal_error
 from serve.engine.model import LoadedModel
@@ -46,6 +49,7 @@ class _Row:
     max_new_tokens: int
     stop: tuple[str, ...]
     seed: int | None = None
+    grammar: JsonGrammar | None = None  # the request's compiled json_schema
 
 
 class Predictor:
@@ -57,6 +61,7 @@ class Predictor:
         # Static cache + compiled decode on CUDA (serve/engine/accel.py); SERVE_ACCEL=off keeps plain eager generate.
         self.accel = Accelerator(loaded.model, accel or AccelConfig(), device=loaded.device)
         self.encoder = Encoder(loaded.processor)
+        self.grammars = JsonGrammars(loaded.processor.tokenizer, loaded.eos_token_ids)  # json_schema, compiled
         gen = loaded.generation_config
         self.max_new_tokens_cap = max_new_tokens_cap
         self.default_max_new_tokens = min(gen.max_new_tokens or 128, max_new_tokens_cap)
@@ -117,8 +122,15 @@ class Predictor:
     def prepare(self, req: GenerationRequest) -> None:
         """Render the prompt, tokenize and preprocess the image now, on the calling thread (the request's), so the
         generation thread only generates. Raises ApiError for a prompt the model's context cannot hold.
-        Safe to call from several threads; `predict` does it itself for requests that skipped it."""
+        Safe to call from several threads; `predict` does it itself for requests that skipped it.
+        A `json_schema` is compiled here too (ApiError invalid_json_schema for a bad one)."""
+        req.grammar = self._grammar(req)
         req.inputs = self._encode(req)
+
+    def _grammar(self, req: GenerationRequest) -> JsonGrammar | None:
+        if req.grammar is not None or req.json_schema is None:
+            return req.grammar
+        return self.grammars.compile(req.json_schema)
 
     def _encode(self, req: GenerationRequest) -> dict[str, Any]:
         if req.messages is not None:
@@ -139,6 +151,7 @@ class Predictor:
         if max_new > self.max_new_tokens_cap:
             raise ApiError("invalid_request", f"max_new_tokens={max_new} is over this server's cap of "
                                               f"{self.max_new_tokens_cap}")
+        grammar = self._grammar(req)
         inputs = req.inputs if req.inputs is not None else self._encode(req)
         prompt_tokens = int(inputs["input_ids"].shape[1])
         if self.loaded.max_positions is not None:
@@ -146,7 +159,7 @@ class Predictor:
         temperature = self.default_temperature if req.temperature is None else float(req.temperature)
         top_p = self.default_top_p if req.top_p is None else float(req.top_p)
         return _Row(index, inputs, prompt_tokens, temperature, top_p, max_new, tuple(s for s in req.stop if s),
-                    req.seed)
+                    req.seed, grammar)
 
     def _collate(self, rows: list[_Row]) -> dict[str, Any]:
         """Left-pad the token sequences, concatenate the per-image tensors."""
@@ -177,10 +190,13 @@ class Predictor:
                 self._generate(group, requests, deliver)
             return
         batch = self._collate(rows)
-        tracker = _RowTracker(self, rows, requests, int(batch["input_ids"].shape[1]), deliver)
+        # json_schema rows: one grammar state each, masked before sampling, advanced and dropped by the tracker.
+        grammars: list[GrammarState | None] = [r.grammar.start() if r.grammar else None for r in rows]
+        tracker = _RowTracker(self, rows, requests, int(batch["input_ids"].shape[1]), deliver, grammars)
         sample = any(r.temperature > 0 for r in rows)
         gen = self._generation_config(max(r.max_new_tokens for r in rows), sample)
-        processors = LogitsProcessorList([_PerRowSampling(rows)] if sample else [])
+        processors = LogitsProcessorList(([GrammarLogits(grammars)] if any(grammars) else [])
+                                         + ([_PerRowSampling(rows)] if sample else []))
         out = self.accel.generate(self.loaded.model, batch, generation_config=gen, logits_processor=processors,
                                   stopping_criteria=StoppingCriteriaList([tracker]))
         tracker.finish_remaining(out)
@@ -264,7 +280,7 @@ class _RowTracker:
     batch stops as soon as every row is."""
 
     def __init__(self, predictor: Predictor, rows: list[_Row], requests: Sequence[GenerationRequest],
-                 prompt_width: int, deliver: OnResult):
+                 prompt_width: int, deliver: OnResult, grammars: list[GrammarState | None] | None = None):
         self.predictor = predictor
         self.rows = rows
         self.requests = [requests[r.index] for r in rows]
@@ -272,6 +288,7 @@ class _RowTracker:
         self.deliver = deliver
         self.eos = set(predictor.loaded.eos_token_ids)
         self.done = [False] * len(rows)
+        self.grammars = grammars if grammars is not None else [None] * len(rows)  # shared with GrammarLogits
         self.streams = [TextStream(r.stop, req.on_text) if req.on_text else None
                         for r, req in zip(rows, self.requests, strict=True)]
         # A streamed row's tokens so far, from each step's last column (already on the host): no extra device read.
@@ -291,6 +308,11 @@ class _RowTracker:
             if last[j] in self.eos:
                 self._finish(j, input_ids[j, self.prompt_width:-1].tolist(), steps, "stop")
             elif row.stop and self._stop_hit(j, input_ids):
+                self._finish(j, input_ids[j, self.prompt_width:].tolist(), steps, "stop")
+            elif self.grammars[j] is not None and not self.grammars[j].accept(last[j]):  # advances the grammar
+                log.error("a json_schema row got token %d, which its grammar does not allow", last[j])
+                self._fail(j, internal_error())
+            elif self.grammars[j] is not None and self.grammars[j].finished:  # complete JSON: nothing may follow
                 self._finish(j, input_ids[j, self.prompt_width:].tolist(), steps, "stop")
             elif steps >= row.max_new_tokens:
                 self._finish(j, input_ids[j, self.prompt_width:].tolist(), steps, "length")
@@ -319,6 +341,7 @@ class _RowTracker:
         if self.streams[j] is not None and not self._stream(j, answer, final=True):
             return
         self.done[j] = True
+        self.grammars[j] = None
         self.deliver(row.index, GenerationResult(answer=answer, prompt_tokens=row.prompt_tokens,
                                                  completion_tokens=steps, finish_reason=reason))
 
@@ -334,4 +357,5 @@ class _RowTracker:
 
     def _fail(self, j: int, error: ApiError) -> None:
         self.done[j] = True
+        self.grammars[j] = None
         self.deliver(self.rows[j].index, error)

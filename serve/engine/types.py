@@ -28,9 +28,12 @@ class GenerationRequest:
     # "user" | "assistant", "content": [{"type": "text", "text": ...}, {"type": "image"}]}], the last turn the
     # user's; one {"type": "image"} part where `image` goes (serve.engine.encoding.Encoder.encode_messages).
     messages: list[dict[str, Any]] | None = None
+    # A JSON Schema the answer must follow (serve.engine.constrained; {"type": "object"}: any JSON object), or None.
+    json_schema: dict[str, Any] | None = None
     deadline: float | None = None  # time.monotonic() by which the answer is due
     cancelled: bool = field(default=False, compare=False)  # set when the caller gave up; the row stops
     inputs: dict | None = field(default=None, compare=False, repr=False)  # Predictor.prepare's processor outputs
+    grammar: Any = field(default=None, compare=False, repr=False)  # Predictor.prepare's compiled json_schema
     # Streaming: called on the generation thread with each piece of the answer as it becomes safe to show
     # (serve.engine.textstream.TextStream); the pieces concatenate to the result's answer.
     on_text: Callable[[str], None] | None = field(default=None, compare=False, repr=False)

@@ -156,7 +156,8 @@ def build_request(call: ChatCall, data: bytes | None, policy: ImagePolicy, deadl
     request = GenerationRequest(image=image, question=call.question or "",
                                 messages=None if call.question is not None else call.messages,
                                 temperature=call.temperature, top_p=call.top_p, max_new_tokens=call.max_new_tokens,
-                                stop=call.stop, seed=call.seed, deadline=deadline)
+                                stop=call.stop, seed=call.seed, json_schema=call.json_schema,
+                                deadline=deadline)
     predictor.prepare(request)
     return request
 

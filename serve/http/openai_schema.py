@@ -9,10 +9,11 @@
      "stream": true, "stream_options": {"include_usage": true}}
 
 What LLaVA-1.5 cannot do is a 400 that names the field (`param`), never silently ignored: more than one image,
-`n` > 1, tools and functions, logprobs, penalties and `logit_bias`, audio, JSON answers (`response_format`
-json_object/json_schema), roles other than system/developer/user/assistant, content parts other than text and
-image_url. Unknown fields are refused too. Errors have OpenAI's shape, `{"error": {"message", "type", "param",
-"code"}}`, with the server's stable codes (serve/engine/errors.py) in `code`.
+`n` > 1, tools and functions, logprobs, penalties and `logit_bias`, audio, roles other than
+system/developer/user/assistant, content parts other than text and image_url. Unknown fields are refused too.
+`response_format` json_object / json_schema is decoded under the schema's grammar (serve.engine.constrained).
+Errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with the server's stable codes
+(serve/engine/errors.py) in `code`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from serve.engine.constrained import schema_from_response_format
 from serve.engine.errors import ApiError
 from serve.engine.types import GenerationResult
 from serve.http.envelope import describe_validation_errors
@@ -83,7 +85,7 @@ class StreamOptions(_Closed):
 
 
 class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")  # json_schema's body; refused for now (_json_schema)
+    model_config = ConfigDict(extra="allow")  # json_schema's body, read by _json_schema
 
     type: str
 
@@ -144,6 +146,7 @@ class ChatCall:
     seed: int | None
     stream: bool
     include_usage: bool
+    json_schema: dict[str, Any] | None = None  # response_format json_schema / json_object, in the engine's form
 
 
 def parse_chat(payload: Any, *, max_new_tokens: int) -> ChatCall:
@@ -156,13 +159,14 @@ def parse_chat(payload: Any, *, max_new_tokens: int) -> ChatCall:
     except ValidationError as e:
         raise _validation_error(e) from None
     _refusals(req)
-    _json_schema(req)
+    json_schema = _json_schema(req)
     messages, image_url, image_param = _conversation(req.messages)
     return ChatCall(model=req.model, question=_single_question(messages), messages=messages,
                     image_url=image_url, image_param=image_param, temperature=req.temperature, top_p=req.top_p,
                     max_new_tokens=_max_new_tokens(req, max_new_tokens), stop=tuple(req.stop or ()),
                     seed=None if req.seed is None else req.seed % 2**64, stream=req.stream,
-                    include_usage=bool(req.stream_options and req.stream_options.include_usage))
+                    include_usage=bool(req.stream_options and req.stream_options.include_usage),
+                    json_schema=json_schema)
 
 
 def _validation_error(e: ValidationError, prefix: str = "") -> ChatError:
@@ -199,15 +203,13 @@ def _refusals(req: ChatRequest) -> None:
 
 def _json_schema(req: ChatRequest) -> dict[str, Any] | None:
     """JSON answers: the one place `response_format` is read. json_schema / json_object map to the engine's
-    constrained decoding (GenerationRequest.json_schema) once it is wired in; until then they are refused."""
-    fmt = req.response_format
-    if fmt is None or fmt.type == "text":
+    constrained decoding (GenerationRequest.json_schema; the schema itself is checked when it is compiled)."""
+    if req.response_format is None:
         return None
-    if fmt.type in ("json_schema", "json_object"):
-        raise ChatError("invalid_request", f"response_format {fmt.type!r} is not supported by this server yet; "
-                                           "use \"text\"", "response_format")
-    raise ChatError("invalid_request", f"response_format.type {fmt.type!r} is not one of text, json_object, "
-                                       "json_schema", "response_format.type")
+    try:
+        return schema_from_response_format(req.response_format.model_dump())
+    except ApiError as e:
+        raise ChatError(e.code, e.message, "response_format") from None
 
 
 def _max_new_tokens(req: ChatRequest, cap: int) -> int | None:

@@ -3,11 +3,12 @@
     GET  /ping                  200 once the model is loaded and healthy, else 503 `not_ready`; never waits on
                                 generation (it runs on the batcher's thread)
     POST /invocations           application/json: {"image", "question", "temperature", "top_p", "max_new_tokens",
-                                "stop", "stream"} or {"instances": [...]}; or a raw image body (image/png,
-                                image/jpeg, image/webp, application/x-image) with the question in ?question= or in
-                                X-Amzn-SageMaker-Custom-Attributes
+                                "stop", "stream", "json_schema"} or {"instances": [...]}; or a raw image body
+                                (image/png, image/jpeg, image/webp, application/x-image) with the question in
+                                ?question= or in X-Amzn-SageMaker-Custom-Attributes
                                 -> {"answer", "usage": {"prompt_tokens", "completion_tokens"}, "finish_reason",
-                                    "latency_ms"} (serve.http.schema.reply_body; a list of those for "instances");
+                                    "latency_ms"} (+ "json" with a json_schema; serve.http.schema.reply_body;
+                                    a list of those for "instances");
                                 with "stream": true (or ?stream=true), text/event-stream (serve.http.sse).
                                 A JSON object with "messages" is an OpenAI chat completion, answered as
                                 /v1/chat/completions answers it (serve.http.openai). No Content-Type, or
@@ -55,6 +56,8 @@ IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "application/x-image")
 # InvokeEndpoint callers often send no content type, or boto3's default for bytes: the body says what it is.
 SNIFFED_TYPES = ("", "application/octet-stream")
 CUSTOM_ATTRIBUTES = "x-amzn-sagemaker-custom-attributes"
+# The instance field an error of a batch request names (every other code is about the image).
+FIELD_OF_ERROR = {"invalid_request": "", "invalid_json_schema": ".json_schema"}
 
 
 def add_routes(app: FastAPI, state: ServerState) -> None:
@@ -126,7 +129,8 @@ async def _invoke(state: ServerState, request: Request, started: float) -> Respo
         if isinstance(outcome, ApiError):
             raise outcome
     latency_ms = round(1000 * (time.monotonic() - started), 1)
-    replies = [reply_body(o, latency_ms) for o in outcomes]
+    replies = [reply_body(o, latency_ms, structured=r.json_schema is not None)
+               for r, o in zip(decoded.requests, outcomes, strict=True)]
     return JSONResponse(replies if decoded.is_batch else replies[0])
 
 
@@ -217,7 +221,7 @@ def _instance_errors(i: int, is_batch: bool):
     try:
         yield
     except ApiError as e:
-        where = f"instances.{i}" + (".image" if e.code != "invalid_request" else "")
+        where = f"instances.{i}" + FIELD_OF_ERROR.get(e.code, ".image")
         raise ApiError(e.code, f"{where}: {e.message}" if is_batch else e.message) from None
 
 
@@ -228,6 +232,6 @@ def prepare_request(image: bytes, params: GenerationParams, max_pixels: int, dea
     decoded: Any = decode_image(image, max_pixels, shrink_for=predictor.image_processor)
     request = GenerationRequest(image=decoded, question=params.question, temperature=params.temperature,
                                 top_p=params.top_p, max_new_tokens=params.max_new_tokens,
-                                stop=tuple(params.stop or ()), deadline=deadline)
+                                stop=tuple(params.stop or ()), json_schema=params.json_schema, deadline=deadline)
     predictor.prepare(request)
     return request

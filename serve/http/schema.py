@@ -2,12 +2,13 @@
 and the reply (`reply_body`).
 
     {"image": "<url | s3:// | data: | base64>", "question": "...", "temperature": 0.1, "top_p": 0.9,
-     "max_new_tokens": 64, "stop": ["\\n"], "stream": false}
+     "max_new_tokens": 64, "stop": ["\\n"], "stream": false, "json_schema": {"type": "object", ...}}
     {"instances": [<the object above, without "stream">, ...]}
 
 Only `image` and `question` are required; unknown fields are refused (a misspelt "max_tokens" would otherwise be
 silently ignored). For raw image bodies the same generation fields come from the query string or from
-`X-Amzn-SageMaker-Custom-Attributes` written as a query string (`question=What%20is%20this%3F&temperature=0`).
+`X-Amzn-SageMaker-Custom-Attributes` written as a query string (`question=What%20is%20this%3F&temperature=0`);
+`json_schema` is JSON-body only. The reply to a request with a `json_schema` carries the parsed answer as "json".
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from serve.engine.constrained import parse_answer
 from serve.engine.errors import ApiError
 from serve.engine.types import GenerationResult
 from serve.http.envelope import describe_validation_errors
@@ -37,6 +39,8 @@ class GenerationParams(BaseModel):
     max_new_tokens: int | None = Field(default=None, ge=1)
     stop: list[str] | None = Field(default=None, max_length=MAX_STOP_STRINGS)
     stream: bool = Field(default=False, description="answer as server-sent events (serve.http.sse)")
+    json_schema: dict[str, Any] | None = Field(default=None, description="a JSON Schema the answer follows "
+                                                                         "(serve.engine.constrained)")
 
     @field_validator("question")
     @classmethod
@@ -116,7 +120,11 @@ def parse_raw_params(query: Iterable[tuple[str, str]], custom_attributes: Iterab
                      *, max_new_tokens: int) -> GenerationParams:
     """Generation fields for a raw image body: custom attributes first, the query string overriding them."""
     values: dict[str, Any] = {}
-    for source in (list(custom_attributes), list(query)):
+    custom_attributes, query = list(custom_attributes), list(query)
+    if any(k == "json_schema" for k, _ in custom_attributes + query):
+        raise ApiError("invalid_request", "json_schema is for JSON bodies only: send {\"image\": \"<base64>\", "
+                                          "\"question\": ..., \"json_schema\": {...}} as application/json")
+    for source in (custom_attributes, query):
         stops = [v for k, v in source if k == "stop"]
         values.update({k: v for k, v in source if k in PARAM_FIELDS and k != "stop"})
         if stops:
@@ -139,8 +147,13 @@ def check_max_new_tokens(requests: list[Any], cap: int, *, batch: bool = False) 
             raise ApiError("invalid_request", f"{where}: {req.max_new_tokens} is over this server's cap of {cap}")
 
 
-def reply_body(result: GenerationResult, latency_ms: float) -> dict[str, Any]:
-    """One answer as the client gets it (alone, in a list for "instances", or as a stream's last event)."""
-    return {"answer": result.answer,
-            "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
-            "finish_reason": result.finish_reason, "latency_ms": latency_ms}
+def reply_body(result: GenerationResult, latency_ms: float, *, structured: bool = False) -> dict[str, Any]:
+    """One answer as the client gets it (alone, in a list for "instances", or as a stream's last event).
+    `structured` (the request had a json_schema): "json" is the answer parsed, or null when it is not complete JSON
+    (finish_reason "length", or a stop string cut it)."""
+    reply = {"answer": result.answer,
+             "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
+             "finish_reason": result.finish_reason, "latency_ms": latency_ms}
+    if structured:
+        reply["json"] = parse_answer(result.answer)
+    return reply

@@ -8,8 +8,9 @@ A request with `"stream": true` is answered `text/event-stream`:
 
 or, for a failure after the stream started, `data: {"error": {"code": "timeout", "message": "..."}}` as the last
 event. The deltas concatenate to the final `answer`, which is the same answer a non-streamed request gets; what may
-be shown after each token is decided on the generation thread (serve/engine/textstream.py). Another wire format
-(OpenAI's chat.completion.chunk events, serve/http/openai.py) passes its own `events` to `stream_answer`.
+be shown after each token is decided on the generation thread (serve/engine/textstream.py). The last event also
+carries "json", the parsed answer, when the request had a `json_schema`. Another wire format (OpenAI's
+chat.completion.chunk events, serve/http/openai.py) passes its own `events` to `stream_answer`.
 """
 
 from __future__ import annotations
@@ -50,7 +51,10 @@ class Events(Protocol):
 
 
 class AnswerEvents:
-    """The /invocations format above."""
+    """The /invocations format above; `structured`: the request had a json_schema, so the last event has "json"."""
+
+    def __init__(self, structured: bool = False):
+        self.structured = structured
 
     def opening(self) -> list[bytes]:
         return []
@@ -59,7 +63,7 @@ class AnswerEvents:
         return event({"delta": text})
 
     def final(self, result: GenerationResult, latency_ms: float) -> list[bytes]:
-        return [event(reply_body(result, latency_ms))]
+        return [event(reply_body(result, latency_ms, structured=self.structured))]
 
     def failure(self, error: ApiError) -> list[bytes]:
         return [event(error.body())]
@@ -85,7 +89,8 @@ async def stream_answer(batcher: Batcher, request: GenerationRequest, deadline: 
         outcome.cancel()
         raise
     # X-Accel-Buffering: a reverse proxy (nginx) in front of `docker run` would otherwise hold the events back.
-    body = _events(first, pieces, outcome, request, started, request_id, events or AnswerEvents())
+    events = events or AnswerEvents(structured=request.json_schema is not None)
+    body = _events(first, pieces, outcome, request, started, request_id, events)
     return StreamingResponse(body, media_type=MEDIA_TYPE, headers={"Cache-Control": "no-cache",
                                                                   "X-Accel-Buffering": "no"})
 
