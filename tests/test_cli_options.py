@@ -94,17 +94,18 @@ def test_yaml_then_flags(tmp_path, capsys):
         "  train: s3://my-bucket/data/\n"
         "  output_path: s3://my-bucket/out/\n"
         "  instance_type: ml.g5.12xlarge\n"      # the section beats the top level
-        "  hyperparameters: {epochs: 3, lr: 0.0002, tags: [a, b]}\n"
+        "  hyperparameters: {max_steps: 3, learning_rate: 0.0002, lr_scheduler_kwargs: {power: 2}}\n"
         "deploy:\n"
         "  not_a_train_option: ignored\n"       # other commands' sections are not train's business
     )
-    assert main(["train", "--config", str(config), "--dry-run", "--hyperparameter", "epochs=1",
+    assert main(["train", "--config", str(config), "--dry-run", "--hyperparameter", "max_steps=1",
                  "--volume-size", "200"]) == 0
     out, err = capsys.readouterr()
     request = json.loads(out)
     assert request["ResourceConfig"] == {"InstanceType": "ml.g5.12xlarge", "InstanceCount": 1, "VolumeSizeInGB": 200}
-    assert request["HyperParameters"] == {"epochs": "1", "lr": "0.0002", "tags": '["a", "b"]'}  # flag wins per key
-    assert "volume_size=200 (flag)" in err and "instance_type='ml.g5.12xlarge' (yaml)" in err
+    assert request["HyperParameters"] == {"max_steps": "1", "learning_rate": "0.0002",  # the flag wins per key
+                                          "lr_scheduler_kwargs": '{"power": 2}'}
+    assert "volume_size=200 (command line)" in err and f"instance_type='ml.g5.12xlarge' (config file {config})" in err
 
 
 @pytest.mark.parametrize(
@@ -119,7 +120,7 @@ def test_yaml_then_flags(tmp_path, capsys):
         (["--checkpoint-s3-uri", "s3:/x"], "checkpoint_s3_uri: 's3:/x' is not an S3 URI"),
         (["--channel", "bad name=s3://my-bucket/x/"], "channel 'bad name': names are 1-64"),
         (["--channel", "train=s3://my-bucket/x/"], "channel 'train': use --train"),
-        (["--channel", "noequals"], "--channel 'noequals': expected KEY=VALUE"),
+        (["--channel", "noequals"], "channels (from command line): expected KEY=VALUE, got 'noequals'"),
         (["--input-mode", "Pipe"], "input_mode: 'Pipe' is not one of FastFile, File"),
         (["--instance-type", "g5.2xlarge"], "instance_type: 'g5.2xlarge' is not a SageMaker instance type"),
         (["--instance-count", "0"], "instance_count: 0 must be >= 1"),
@@ -158,7 +159,8 @@ def test_train_limits_on_counts(capsys, tmp_path):
 
 def test_every_problem_is_reported_at_once(capsys):
     err = _problems(["train", "--role", "nope", "--train", "nope", "--instance-count", "-1", "--spot"], capsys)
-    for expected in ("--image-uri (or `image_uri:` in the YAML) is required", "--output-path", "role: 'nope'",
+    for expected in ("image_uri: required (give --image-uri or `image_uri:` in the --config file)", "--output-path",
+                     "role: 'nope'",
                      "train: 'nope'", "instance_count: -1", "--spot needs --max-wait"):
         assert expected in err
 
@@ -166,13 +168,15 @@ def test_every_problem_is_reported_at_once(capsys):
 @pytest.mark.parametrize(
     "yaml_text, expected",
     [
-        ("instnce_type: ml.g5.xlarge\n", "unknown option 'instnce_type'"),
-        ("instance_count: two\n", "instance_count: expected an integer, got 'two'"),
-        ("instance_count: true\n", "instance_count: expected an integer, got True"),
-        ("spot: yes please\n", "spot: expected true/false"),
-        ("hyperparameters: [a, b]\n", "hyperparameters: expected a mapping"),
-        ("role: {a: b}\n", "role: expected a string"),
-        ("- just\n- a list\n", "expected a mapping of option names"),
+        ("instnce_type: ml.g5.xlarge\n", "instnce_type (from config file CONFIG): unknown setting; did you mean "
+                                         "'instance_type'?"),
+        ("instance_count: two\n", "instance_count (from config file CONFIG): expected an integer, got 'two'"),
+        ("instance_count: true\n", "instance_count (from config file CONFIG): expected an integer, got True"),
+        ("spot: yes please\n", "spot (from config file CONFIG): expected true or false, got 'yes please'"),
+        ("hyperparameters: [a, b]\n", "hyperparameters (from config file CONFIG): expected KEY=VALUE, got 'a'"),
+        ("hyperparameters: 3\n", "hyperparameters (from config file CONFIG): expected a mapping, got int"),
+        ("role: {a: b}\n", "role (from config file CONFIG): expected a string, got dict"),
+        ("- just\n- a list\n", "expected a mapping of names to values, got list"),
         ("train: [1]\n", "section 'train' must be a mapping"),
         ("a: [unclosed\n", "not valid YAML"),
     ],
@@ -180,7 +184,7 @@ def test_every_problem_is_reported_at_once(capsys):
 def test_yaml_problems(yaml_text, expected, tmp_path, capsys):
     config = tmp_path / "bad.yaml"
     config.write_text(yaml_text)
-    assert expected in _problems([*TRAIN_OK, "--config", str(config)], capsys)
+    assert expected.replace("CONFIG", str(config)) in _problems([*TRAIN_OK, "--config", str(config)], capsys)
 
 
 def test_missing_yaml_file(tmp_path, capsys):

@@ -19,10 +19,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from core.settings import ConfigError, setting
+from core.settings import ConfigError as ConfigError  # re-exported: the job raises and catches it from here
+from core.settings import setting
 from train.templates import CHAT_TEMPLATES
-
-__all__ = ["ConfigError", "TrainConfig", "machine_problems"]  # ConfigError: core.settings', re-exported for callers
 
 # Shipped DeepSpeed configs (container/deepspeed/<name>.json) and their ZeRO stage (a test keeps them in step).
 DEEPSPEED_PRESETS = {"zero2": 2, "zero3": 3, "zero3_offload": 3}
