@@ -15,6 +15,7 @@ import re
 from typing import Any
 
 from core import settings
+from core.s3 import s3_uri_problem
 from core.settings import ConfigError as ConfigError  # re-exported: `llava-sm` catches it from here
 from core.settings import Problem
 
@@ -23,7 +24,6 @@ COMMAND_SECTIONS = ("train", "package", "deploy", "predict", "delete", "eval", "
 
 INSTANCE_TYPE = re.compile(r"^ml\.[a-z0-9][a-z0-9-]*\.[a-z0-9]+$")
 ROLE_ARN = re.compile(r"^arn:aws[a-z\-]*:iam::\d{12}:role/?[a-zA-Z_0-9+=,.@\-_/]+$")
-S3_URI = re.compile(r"^s3://([a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])(/.*)?$")
 # SageMaker resource names (jobs, models, endpoint configs, endpoints): pattern and length from the API model.
 RESOURCE_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
 ENV_KEY = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
@@ -85,8 +85,9 @@ def check_role(value: str | None) -> list[str]:
 def check_s3(name: str, value: str | None, *, suffix: str | None = None) -> list[str]:
     if not value:
         return []
-    if not S3_URI.match(value) or len(value) > 1024:
-        return [f"{name}: {value!r} is not an S3 URI (s3://bucket/prefix)"]
+    problem = s3_uri_problem(value)
+    if problem:
+        return [f"{name}: {value!r} is not an S3 URI (s3://bucket/prefix): {problem}"]
     if suffix and not value.endswith(suffix):
         return [f"{name}: {value!r} must end with {suffix}"]
     return []

@@ -1,6 +1,6 @@
 """Decode speed-ups for the served model on CUDA: static KV cache + torch.compile in shape buckets, sdpa.
 
-    accel = Accelerator(loaded.model, AccelConfig.from_env(), device=loaded.device)   # once, after the load
+    accel = Accelerator(loaded.model, AccelConfig(), device=loaded.device)   # once, after the load
     accel.warm_up(loaded.model, one_processed_row, gen, max_new_tokens=128)          # compile before traffic
     out = accel.generate(model, batch, generation_config=gen, logits_processor=lp, stopping_criteria=sc)
 
@@ -19,8 +19,8 @@ does about it, all on the 4-bit path:
 - sdpa attention (switched to if the model was loaded with eager attention); the 16-bit compute type (bf16, fp16
   before Ampere) is the loader's choice (serve.model.half_dtype) and is reported here.
 
-Environment (parsed with the server's other variables by serve.config.ServeConfig, so a bad value stops start-up;
-`AccelConfig.from_env` reads just these for library callers such as `Predictor(loaded)`):
+Settings (AccelConfig; the server reads them from these variables with its others, in serve.config.ServeConfig, so a
+bad value stops start-up; this module reads no environment):
     SERVE_ACCEL             auto (default: on with CUDA, off on CPU; Predictor falls back to eager if the warm-up
                             fails) | on (a failed warm-up is an error) | off (plain eager `generate`)
     SERVE_ACCEL_BATCH_BUCKETS  comma-separated batch sizes (default 1,2,4,8,16,32); bigger batches run unpadded
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -55,17 +54,6 @@ class AccelConfig:
     compile_mode: str | None = "reduce-overhead"  # None with the "eager" backend (it takes no mode)
     compile_backend: str = "inductor"  # tests use "eager" to exercise the compiled path on CPU quickly
     compile_on_cpu: bool = False  # transformers only compiles on accelerators unless told otherwise
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> AccelConfig:
-        """Only the SERVE_ACCEL* variables, parsed by serve.config (the server reads them with all the others, in
-        `ServeConfig.from_env`, so a bad value stops its start-up); raises ConfigError naming each bad one."""
-        from serve.config import ACCEL_FIELDS, ENV_VARS, ConfigError, accel_config_of, parse_env
-
-        values, problems = parse_env(os.environ if env is None else env, {f: ENV_VARS[f] for f in ACCEL_FIELDS})
-        if problems:
-            raise ConfigError(problems)
-        return accel_config_of(values)
 
     def enabled_for(self, device: str) -> bool:
         """`on`; `auto` on CUDA (or on a CPU told to compile, as tests do)."""

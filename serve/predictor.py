@@ -80,7 +80,7 @@ class Predictor:
     def __init__(self, loaded: LoadedModel, *, max_new_tokens_cap: int = 1024, accel: AccelConfig | None = None):
         self.loaded = loaded
         # Static cache + compiled decode on CUDA (serve/accel.py); SERVE_ACCEL=off keeps plain eager generate.
-        self.accel = Accelerator(loaded.model, accel or AccelConfig.from_env(), device=loaded.device)
+        self.accel = Accelerator(loaded.model, accel or AccelConfig(), device=loaded.device)
         self.encoder = Encoder(loaded.processor)
         gen = loaded.generation_config
         self.max_new_tokens_cap = max_new_tokens_cap

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from serve.accel import AccelConfig, Accelerator, bucket_batch, bucket_length, pad_rows
-from serve.config import ConfigError
+from serve.config import ConfigError, ServeConfig
 
 CPU_COMPILED = AccelConfig(mode="on", compile_backend="eager", compile_mode=None, compile_on_cpu=True)
 QUESTIONS = ["What is shown?", "What type of chart is this? Answer briefly please", "Title?"]
@@ -69,25 +69,29 @@ def fp32(tiny_artifact):
     return load_artifact(tiny_artifact, quantization="none", device="cpu")
 
 
-def test_env_defaults_and_switch():
-    assert AccelConfig.from_env({}) == AccelConfig()
+def test_settings_from_the_environment_and_the_switch():
+    """The server reads SERVE_ACCEL* with its other variables (serve.config); the engine reads no environment."""
+    def accel(env):
+        return ServeConfig.from_env({"SERVE_MAX_BATCH_SIZE": "256", **env}).accel_config()
+
+    assert accel({}) == AccelConfig() and not hasattr(AccelConfig, "from_env")
     assert AccelConfig().enabled_for("cuda") and not AccelConfig().enabled_for("cpu")
-    off = AccelConfig.from_env({"SERVE_ACCEL": "off"})
+    off = accel({"SERVE_ACCEL": "off"})
     assert not off.enabled_for("cuda") and not off.enabled_for("cuda:0")
-    assert AccelConfig.from_env({"SERVE_ACCEL": "0"}).mode == "off"
-    assert AccelConfig.from_env({"SERVE_ACCEL": "ON"}).enabled_for("cpu")
-    cfg = AccelConfig.from_env({"SERVE_ACCEL_BATCH_BUCKETS": "8, 1,4", "SERVE_ACCEL_CACHE_BUCKET": "128",
-                                "SERVE_ACCEL_CACHE_GIB": "2.5"})
+    assert accel({"SERVE_ACCEL": "0"}).mode == "off"
+    assert accel({"SERVE_ACCEL": "ON"}).enabled_for("cpu")
+    cfg = accel({"SERVE_ACCEL_BATCH_BUCKETS": "8, 1,4", "SERVE_ACCEL_CACHE_BUCKET": "128",
+                 "SERVE_ACCEL_CACHE_GIB": "2.5"})
     assert cfg.batch_buckets == (1, 4, 8) and cfg.cache_bucket == 128 and cfg.cache_gib == 2.5
 
 
-def test_env_reports_every_problem_at_once():
+def test_bad_settings_are_reported_at_once():
     with pytest.raises(ConfigError) as e:
-        AccelConfig.from_env({"SERVE_ACCEL": "fast", "SERVE_ACCEL_BATCH_BUCKETS": "1,x",
+        ServeConfig.from_env({"SERVE_ACCEL": "fast", "SERVE_ACCEL_BATCH_BUCKETS": "1,x",
                               "SERVE_ACCEL_CACHE_BUCKET": "0", "SERVE_ACCEL_CACHE_GIB": "inf"})
     text = "\n".join(e.value.problems)
     assert len(e.value.problems) == 4
-    for var in ("SERVE_ACCEL=", "SERVE_ACCEL_BATCH_BUCKETS", "SERVE_ACCEL_CACHE_BUCKET", "SERVE_ACCEL_CACHE_GIB"):
+    for var in ("SERVE_ACCEL:", "SERVE_ACCEL_BATCH_BUCKETS", "SERVE_ACCEL_CACHE_BUCKET", "SERVE_ACCEL_CACHE_GIB"):
         assert var in text
 
 
@@ -104,7 +108,7 @@ def test_buckets_and_row_padding():
 
 def test_off_is_plain_eager_generate(fp32):
     model = fp32.model
-    accel = Accelerator(model, AccelConfig.from_env({"SERVE_ACCEL": "off"}), device="cpu")
+    accel = Accelerator(model, AccelConfig(mode="off"), device="cpu")
     assert not accel.enabled and "_valid_auto_compile_criteria" not in vars(model)
     batch, gen = _batch(fp32, 2), _gen(fp32, 5)
     torch._dynamo.utils.counters.clear()
