@@ -146,6 +146,40 @@ def test_train_validation_errors(args, expected, capsys):
     assert expected in _problems([*TRAIN_OK, *args], capsys)
 
 
+@pytest.mark.parametrize(
+    "hyperparameters, expected",
+    [
+        (["lora_rr=3"], "lora_rr (from hyperparameters): unknown setting; did you mean 'lora_r'?"),
+        (["epochs=3"], "epochs (from hyperparameters): unknown setting; did you mean 'num_train_epochs'?"),
+        (["lora_r=eight"], "lora_r (from hyperparameters): expected an integer, got 'eight'"),
+        (["lora_r=0"], "lora_r (from hyperparameters): must be >= 1, got 0"),
+        (["bits=3"], "bits (from hyperparameters): must be one of 4, 8, 16, got 3"),
+        (["learning_rate=nan"], "learning_rate (from hyperparameters): expected a finite number, got 'nan'"),
+        (["lr_scheduler_kwargs={min_lr: 1}"], "lr_scheduler_kwargs (from hyperparameters): not valid JSON"),
+        (["bits=4"], "hyperparameters: --bits 4 needs --lora_enable True"),
+        (["bits=4", "lora_enable=true", "deepspeed=zero3"], "hyperparameters: --bits 4 with ZeRO-3 is refused"),
+        (["evaluation_strategy=steps"], "hyperparameters: --evaluation_strategy steps needs --validation_data_path"),
+        (["lr_scheduler_type=greedy"], "greedy lowers the learning rate from the validation loss"),
+    ],
+)
+def test_hyperparameters_are_checked_against_the_training_config(hyperparameters, expected, capsys):
+    """What `python -m train` would refuse only after the instance started is refused before anything is sent."""
+    args = [arg for h in hyperparameters for arg in ("--hyperparameter", h)]
+    assert expected in _problems([*TRAIN_OK, *args, "--dry-run"], capsys)
+
+
+def test_valid_hyperparameters_pass_with_the_channels_the_job_mounts(tmp_path, capsys):
+    config = tmp_path / "job.yaml"
+    config.write_text("hyperparameters: {lora_enable: true, bits: 4, deepspeed: zero2, lora_r: 8,\n"
+                      "  learning_rate: 2e-4, evaluation_strategy: steps, eval-steps: 10, eval_strategy: steps,\n"
+                      "  sagemaker_program: x,\n"
+                      "  lr_scheduler_kwargs: {min_lr_rate: 0.1}, lr_scheduler_type: cosine_with_min_lr}\n")
+    args = [*TRAIN_OK, "--config", str(config), "--validation", "s3://my-bucket/val/", "--dry-run"]
+    assert main(args) == 0, capsys.readouterr().err
+    request = json.loads(capsys.readouterr().out)
+    assert request["HyperParameters"]["bits"] == "4" and request["HyperParameters"]["lora_enable"] == "true"
+
+
 def test_train_limits_on_counts(capsys, tmp_path):
     config = tmp_path / "many.yaml"
     config.write_text("hyperparameters:\n" + "".join(f"  h{i}: {i}\n" for i in range(101))

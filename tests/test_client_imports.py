@@ -92,3 +92,35 @@ def test_dry_run_into_a_closed_pipe_exits_quietly():
     stderr = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 0
     assert "Traceback" not in stderr and "BrokenPipeError" not in stderr
+
+
+NO_HEAVY = """
+import importlib.abc, json, sys
+
+class NotInstalled(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in HEAVY:
+            raise ModuleNotFoundError(f"No module named {name!r}")
+
+sys.meta_path.insert(0, NotInstalled())
+"""
+
+
+def test_train_checks_hyperparameters_without_torch_and_before_any_aws_call(moto_server):
+    """`llava-sm train` on a client without torch: bad hyperparameters exit 2 listing each problem, and no
+    training job reaches the (moto) SageMaker; good ones are submitted from the same process."""
+    sm = __import__("boto3").client("sagemaker", endpoint_url=moto_server)
+    job = ["train", "--endpoint-url", moto_server, "--image-uri", IMAGE, "--role", ROLE,
+           "--train", "s3://no-torch/d/", "--output-path", "s3://no-torch/o/"]
+    bad = [*job, "--job-name", "bad-hp", "--hyperparameter", "lora_rr=3", "--hyperparameter", "bits=4"]
+    good = [*job, "--job-name", "good-hp", "--hyperparameter", "lora_r=8"]
+    code = NO_HEAVY.replace("HEAVY", repr(HEAVY)) + RUN_COMMANDS
+    proc = _run(code, json.dumps([bad, good]))
+    assert proc.returncode == 0, proc.stderr
+    *runs, last = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["rc"] for r in runs] == [2, 0], runs
+    assert "lora_rr (from hyperparameters): unknown setting; did you mean 'lora_r'?" in runs[0]["out"]
+    assert "--bits 4 needs --lora_enable True" in runs[0]["out"]
+    assert last["heavy"] == []
+    names = [j["TrainingJobName"] for j in sm.list_training_jobs()["TrainingJobSummaries"]]
+    assert "good-hp" in names and "bad-hp" not in names
