@@ -2,14 +2,17 @@
 
     @dataclass
     class JobConfig:
-        lr: float = setting(2e-4, "peak learning rate", gt=0)
+        max_steps: int = setting(100, "optimizer steps", ge=1)
         mode: str = setting("auto", "auto, on or off", choices=("auto", "on", "off"), env="JOB_MODE")
 
-    add_arguments(parser, JobConfig)                                  # --lr, --mode (style="snake": --lr, --mode)
-    merged = merge(JobConfig, [("config file job.yaml", read_yaml(path, problems)),
+    add_arguments(parser, JobConfig)             # --max-steps, --mode (style="snake": --max_steps, LLaVA's spelling)
+    problems: list[Problem] = []
+    merged = merge(JobConfig, [("config file job.yaml", read_yaml("job.yaml", problems)),
                                ("command line", given_flags(JobConfig, parser.parse_args()))])
-    values, problems = from_env(JobConfig, os.environ)                # fields with env="..." only
-    if merged.problems: raise ConfigError(merged.problems)            # every problem, each naming field and source
+    if problems + merged.problems:              # every problem, each naming its field and source
+        raise ConfigError(problems + merged.problems)
+    job = JobConfig(**merged.values)            # merged.sources: where each value came from
+    values, env_problems = from_env(JobConfig, os.environ)   # the fields with env="..."
 
 Field metadata (`setting`): help, choices, a range (ge/gt/le/lt), the environment variable, a parser for a special
 type (called on the stripped string), a flag name and aliases, required, and whether list text splits on commas.
@@ -391,7 +394,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, style: str = "k
     for name, spec in specs(cls).items():
         if name in skip:
             continue
-        flags = [flag_name(spec, style)] + [f"--{a}" for a in spec.get("aliases", ())]
+        flags = [flag_name(spec, style)] + ["--" + (a.replace("_", "-") if style == "kebab" else a)
+                                            for a in spec.get("aliases", ())]
         kwargs: dict[str, Any] = {"dest": name, "default": None, "help": _help(spec)}
         if spec.kind == "bool" and style == "kebab":
             kwargs["action"] = argparse.BooleanOptionalAction
