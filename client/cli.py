@@ -79,7 +79,7 @@ def refuse(name: str, message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from client.aws import AwsConfigError
-    from client.options import OptionsError
+    from client.options import ConfigError
 
     args = build_parser().parse_args(argv)
     try:
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         # Point stdout at /dev/null so the interpreter's final flush does not fail again (Python docs, "SIGPIPE").
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (OptionsError, AwsConfigError) as e:
+    except (ConfigError, AwsConfigError) as e:
         print(f"llava-sm {args.command}: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # AWS API errors: the service's message is the useful part, not our traceback

@@ -70,30 +70,29 @@ def fp32(tiny_artifact):
     return load_artifact(tiny_artifact, quantization="none", device="cpu")
 
 
-def accel_from_env(env: dict) -> AccelConfig:
-    """The engine reads no environment: the server's config builds its AccelConfig."""
-    return ServeConfig.from_env(env).accel_config()
+def test_settings_from_the_environment_and_the_switch():
+    """The server reads SERVE_ACCEL* with its other variables (serve.config); the engine reads no environment."""
+    def accel(env):
+        return ServeConfig.from_env({"SERVE_MAX_BATCH_SIZE": "256", **env}).accel_config()
 
-
-def test_env_defaults_and_switch():
-    assert accel_from_env({}) == AccelConfig(batch_buckets=(1, 2, 4, 8))  # the buckets a batch of 8 can use
+    assert accel({}) == AccelConfig() and not hasattr(AccelConfig, "from_env")
     assert AccelConfig().enabled_for("cuda") and not AccelConfig().enabled_for("cpu")
-    off = accel_from_env({"SERVE_ACCEL": "off"})
+    off = accel({"SERVE_ACCEL": "off"})
     assert not off.enabled_for("cuda") and not off.enabled_for("cuda:0")
-    assert accel_from_env({"SERVE_ACCEL": "0"}).mode == "off"
-    assert accel_from_env({"SERVE_ACCEL": "ON"}).enabled_for("cpu")
-    cfg = accel_from_env({"SERVE_ACCEL_BATCH_BUCKETS": "8, 1,4", "SERVE_ACCEL_CACHE_BUCKET": "128",
-                          "SERVE_ACCEL_CACHE_GIB": "2.5"})
+    assert accel({"SERVE_ACCEL": "0"}).mode == "off"
+    assert accel({"SERVE_ACCEL": "ON"}).enabled_for("cpu")
+    cfg = accel({"SERVE_ACCEL_BATCH_BUCKETS": "8, 1,4", "SERVE_ACCEL_CACHE_BUCKET": "128",
+                 "SERVE_ACCEL_CACHE_GIB": "2.5"})
     assert cfg.batch_buckets == (1, 4, 8) and cfg.cache_bucket == 128 and cfg.cache_gib == 2.5
 
 
-def test_env_reports_every_problem_at_once():
+def test_bad_settings_are_reported_at_once():
     with pytest.raises(ConfigError) as e:
-        accel_from_env({"SERVE_ACCEL": "fast", "SERVE_ACCEL_BATCH_BUCKETS": "1,x",
-                        "SERVE_ACCEL_CACHE_BUCKET": "0", "SERVE_ACCEL_CACHE_GIB": "inf"})
+        ServeConfig.from_env({"SERVE_ACCEL": "fast", "SERVE_ACCEL_BATCH_BUCKETS": "1,x",
+                              "SERVE_ACCEL_CACHE_BUCKET": "0", "SERVE_ACCEL_CACHE_GIB": "inf"})
     text = "\n".join(e.value.problems)
     assert len(e.value.problems) == 4
-    for var in ("SERVE_ACCEL=", "SERVE_ACCEL_BATCH_BUCKETS", "SERVE_ACCEL_CACHE_BUCKET", "SERVE_ACCEL_CACHE_GIB"):
+    for var in ("SERVE_ACCEL:", "SERVE_ACCEL_BATCH_BUCKETS", "SERVE_ACCEL_CACHE_BUCKET", "SERVE_ACCEL_CACHE_GIB"):
         assert var in text
 
 

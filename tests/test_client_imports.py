@@ -150,3 +150,35 @@ def test_serve_without_its_extra_names_it(light_python, tmp_path):
     proc = subprocess.run([str(python), "-m", "client.cli", "serve", "--model-dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=120, env=clean_env(), cwd=cwd)
     assert proc.returncode == 1 and "needs the serve extra" in proc.stderr and "uvicorn" in proc.stderr, proc.stderr
+
+
+NO_HEAVY = """
+import importlib.abc, json, sys
+
+class NotInstalled(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in HEAVY:
+            raise ModuleNotFoundError(f"No module named {name!r}")
+
+sys.meta_path.insert(0, NotInstalled())
+"""
+
+
+def test_submit_checks_hyperparameters_without_torch_and_before_any_aws_call(moto_server):
+    """`llava-sm submit` on a client without torch: bad hyperparameters exit 2 listing each problem, and no
+    training job reaches the (moto) SageMaker; good ones are submitted from the same process."""
+    sm = __import__("boto3").client("sagemaker", endpoint_url=moto_server)
+    job = ["submit", "--endpoint-url", moto_server, "--image-uri", IMAGE, "--role", ROLE,
+           "--train", "s3://no-torch/d/", "--output-path", "s3://no-torch/o/"]
+    bad = [*job, "--job-name", "bad-hp", "--hyperparameter", "lora_rr=3", "--hyperparameter", "bits=4"]
+    good = [*job, "--job-name", "good-hp", "--hyperparameter", "lora_r=8"]
+    code = NO_HEAVY.replace("HEAVY", repr(HEAVY)) + RUN_COMMANDS
+    proc = _run(code, json.dumps([bad, good]))
+    assert proc.returncode == 0, proc.stderr
+    *runs, last = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["rc"] for r in runs] == [2, 0], runs
+    assert "lora_rr (from hyperparameters): unknown setting; did you mean 'lora_r'?" in runs[0]["out"]
+    assert "--bits 4 needs --lora_enable True" in runs[0]["out"]
+    assert last["heavy"] == []
+    names = [j["TrainingJobName"] for j in sm.list_training_jobs()["TrainingJobSummaries"]]
+    assert "good-hp" in names and "bad-hp" not in names

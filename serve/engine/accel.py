@@ -19,8 +19,8 @@ does about it, all on the 4-bit path:
 - sdpa attention (switched to if the model was loaded with eager attention); the 16-bit compute type (bf16, fp16
   before Ampere) is the loader's choice (serve.engine.model.half_dtype) and is reported here.
 
-Settings (`AccelConfig`; the server builds it from these variables in serve/config.py, so a bad value stops its
-start-up; library callers such as `Predictor(loaded)` get the defaults):
+Settings (AccelConfig; the server reads them from these variables with its others, in serve.config.ServeConfig, so a
+bad value stops start-up; this module reads no environment):
     SERVE_ACCEL             auto (default: on with CUDA, off on CPU; Predictor falls back to eager if the warm-up
                             fails) | on (a failed warm-up is an error) | off (plain eager `generate`)
     SERVE_ACCEL_BATCH_BUCKETS  comma-separated batch sizes (default 1,2,4,8,16,32); bigger batches run unpadded
