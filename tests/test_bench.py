@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from bench import gpu, load, model7b, preprocess, run_cpu
+from bench import gpu, load, metrics_cost, model7b, preprocess, run_cpu
 from bench.report import markdown_table, percentile
 
 
@@ -69,6 +69,19 @@ def test_run_cpu_sweeps_sequential_and_batched_servers(tiny_artifact, tmp_path):
         assert row["speedup"] == pytest.approx(sum(speedups) / 2)  # the median of two rounds
         assert row["speedups"].count(" ") == 1
     assert "Batched vs sequential, median of 2 alternating rounds" in (tmp_path / "cpu_compare.md").read_text()
+
+
+def test_metrics_cost_alternates_runs_with_and_without_a_scraper(tiny_artifact, tmp_path):
+    assert metrics_cost.main(["--tiny", "--model-dir", tiny_artifact, "--scrape-every-ms", "20",
+                              "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "metrics_cost.json").read_text())
+    [row] = data["summary"]
+    assert row["concurrency"] == 4 and row["errors"] == 0 and row["ratio"] > 0 and row["ratios"].count(" ") == 1
+    assert row["scrapes"] >= 2 and row["scrape_p99_ms"] >= row["scrape_p50_ms"] > 0
+    for pair in data["runs"]["4"]:
+        assert pair["with"]["ok"] == pair["without"]["ok"] == 24
+        assert pair["with"]["scrapes"] >= 1 and "scrapes" not in pair["without"]
+    assert data["scrape"]["samples"] > 100 and "a scrape every 20 ms" in (tmp_path / "metrics_cost.md").read_text()
 
 
 def test_gpu_script_tiny_mode_runs_every_measurement(tmp_path):
