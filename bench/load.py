@@ -24,6 +24,7 @@ import base64
 import http.client
 import json
 import multiprocessing
+import os
 import threading
 import time
 from collections import Counter
@@ -59,6 +60,7 @@ class LevelResult:
     ping_failures: int = 0
     wall_s: float = 0.0
     peak_rss_mib: float | None = None
+    server_cpu_s: float | None = None  # CPU time (user + system) the server used during the level
     scrapes_ms: list[float] | None = None  # GET /metrics latencies, when a scraper ran
     scrape_failures: int = 0
 
@@ -80,7 +82,9 @@ class LevelResult:
             "pings": len(self.pings_ms), "ping_p50_ms": percentile(self.pings_ms, 50),
             "ping_p99_ms": percentile(self.pings_ms, 99),
             "ping_max_ms": max(self.pings_ms) if self.pings_ms else None, "ping_failures": self.ping_failures,
-            "peak_rss_mib": self.peak_rss_mib,
+            "peak_rss_mib": self.peak_rss_mib, "server_cpu_s": self.server_cpu_s,
+            "server_cpu_ms_per_request": (1000 * self.server_cpu_s / len(ok)
+                                          if self.server_cpu_s is not None and ok else None),
             **({} if self.scrapes_ms is None else {
                 "scrapes": len(self.scrapes_ms), "scrape_p50_ms": percentile(self.scrapes_ms, 50),
                 "scrape_p99_ms": percentile(self.scrapes_ms, 99), "scrape_failures": self.scrape_failures}),
@@ -176,6 +180,19 @@ def rss_mib(pid: int | None) -> float | None:
         return None
 
 
+def cpu_seconds(pid: int | None) -> float | None:
+    """CPU time (user + system) process `pid` has used, from /proc; None when unknown. Less noisy than req/s on a
+    shared machine: other processes slow the server down but do not add to its CPU time."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def run_level(url: str, bodies: list[bytes], concurrency: int, requests: int, *, timeout_s: float = 120.0,
               server_pid: int | None = None, scrape_every_s: float | None = None) -> LevelResult:
     """`requests` POSTs spread over `concurrency` threads, /ping every 20 ms, RSS sampled, /metrics every
@@ -214,12 +231,16 @@ def run_level(url: str, bodies: list[bytes], concurrency: int, requests: int, *,
                               daemon=True)
         scraper.start()
         scraping.wait(timeout=60)
+    cpu_before = cpu_seconds(server_pid)
     start = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     result.wall_s = time.perf_counter() - start
+    cpu_after = cpu_seconds(server_pid)
+    if cpu_before is not None and cpu_after is not None:
+        result.server_cpu_s = cpu_after - cpu_before
     stop.set()
     try:
         result.pings_ms, result.ping_failures, result.peak_rss_mib = queue.get(timeout=30)

@@ -78,10 +78,13 @@ def test_metrics_cost_alternates_runs_with_and_without_a_scraper(tiny_artifact, 
     [row] = data["summary"]
     assert row["concurrency"] == 4 and row["errors"] == 0 and row["ratio"] > 0 and row["ratios"].count(" ") == 1
     assert row["scrapes"] >= 2 and row["scrape_p99_ms"] >= row["scrape_p50_ms"] > 0
+    assert row["with_cpu_ms_per_request"] > 0 and row["without_cpu_ms_per_request"] > 0  # the server's, from /proc
     for pair in data["runs"]["4"]:
         assert pair["with"]["ok"] == pair["without"]["ok"] == 24
         assert pair["with"]["scrapes"] >= 1 and "scrapes" not in pair["without"]
-    assert data["scrape"]["samples"] > 100 and "a scrape every 20 ms" in (tmp_path / "metrics_cost.md").read_text()
+    idle = data["idle"]
+    assert idle["samples"] > 100 and idle["metrics_cpu_ms"] >= 0 and idle["ping_cpu_ms"] >= 0
+    assert "a scrape every 20 ms" in (tmp_path / "metrics_cost.md").read_text()
 
 
 def test_gpu_script_tiny_mode_runs_every_measurement(tmp_path):
