@@ -38,6 +38,17 @@ def scrape(base: str) -> dict[str, dict[tuple, float]]:
     return samples
 
 
+def settled(base: str, timeout_s: float = 10.0) -> dict[str, dict[tuple, float]]:
+    """A scrape once nothing runs. A caller is answered before its outcome is recorded, and a row whose caller
+    already got its error stops only at its next token."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        m = scrape(base)
+        if total(m, "vllm:num_requests_running") == 0 or time.monotonic() > deadline:
+            return m
+        time.sleep(0.05)
+
+
 def value(samples, name: str, **labels) -> float:
     return samples.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
 
@@ -105,7 +116,7 @@ def test_scraped_counts_equal_the_requests_sent(server):
         assert requests.get(server + "/ping", timeout=10).status_code == 200
         scrape(server)
 
-    m = scrape(server)
+    m = settled(server)
     answered = 8 + 1 + 1 + 1  # HTTP 200s: 8 concurrent, the batch, the raw image, the stream
     assert value(m, "llava_sm:requests_total", status="200", code="ok") == answered
     for (status, code) in failures:
@@ -182,7 +193,7 @@ def test_failures_in_the_engine_count_by_code(tiny_loaded, tiny_artifact):
         body = {"image": b64_png(), "question": QUESTION, "temperature": 0.8, "max_new_tokens": 64, "stream": True}
         response = post(base, body)
         assert response.status_code == 200 and sse_final(response)["error"]["code"] == "timeout"
-        m = scrape(base)
+        m = settled(base)
     # The status went out with the first piece; the stream's last event says how it ended.
     assert value(m, "llava_sm:requests_total", status="200", code="timeout") == 1
     assert value(m, "llava_sm:generation_failures_total", code="timeout") == 1
@@ -197,7 +208,7 @@ def test_a_failing_model_counts_500s_and_the_scrape_still_answers(tiny_loaded, t
     with running_server(app) as base:
         for _ in range(3):
             assert post(base, {"image": b64_png(), "question": QUESTION}).status_code == 500
-        m = scrape(base)
+        m = settled(base)
     assert value(m, "llava_sm:requests_total", status="500", code="internal_error") == 3
     assert value(m, "llava_sm:generation_failures_total", code="internal_error") == 3
     assert total(m, "vllm:request_success_total") == 0

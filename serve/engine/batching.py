@@ -213,11 +213,11 @@ class Batcher:
         answered = time.monotonic()  # before the caller can be woken: its latency then includes this one
         if not item.resolve(outcome):
             return
-        self._running = max(0, self._running - 1)
         if isinstance(outcome, GenerationResult):
             self.stats.finished(outcome, answered - item.request.arrival)
         else:
             self.stats.failed(outcome.code)
+        self._running = max(0, self._running - 1)  # last: `running` 0 means every outcome is in the stats
 
     def _batch_error(self, e: Exception, size: int) -> ApiError:
         if type(e).__name__ == "OutOfMemoryError":

@@ -61,7 +61,7 @@ class QueueLoad(Protocol):
 
     @property
     def running(self) -> int:
-        """Requests in the batch generating now, not yet answered."""
+        """Requests in the batch generating now whose outcome is not yet reported (`finished`/`failed`)."""
 
     @property
     def preparing(self) -> int:
