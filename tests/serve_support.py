@@ -72,8 +72,9 @@ def wait_ready(get, timeout: float = 60.0) -> None:
 
 
 @contextmanager
-def running_server(app, port: int | None = None):
-    """Serve `app` with a real uvicorn on 127.0.0.1 in a thread; yields the base URL once the model is ready."""
+def running_server(app, port: int | None = None, *, wait: bool = True):
+    """Serve `app` with a real uvicorn on 127.0.0.1 in a thread; yields the base URL once the model is ready
+    (`wait=False`: once the socket listens, the model maybe still loading)."""
     import requests
     import uvicorn
 
@@ -89,7 +90,8 @@ def running_server(app, port: int | None = None):
             raise AssertionError("uvicorn did not start")
         time.sleep(0.02)
     try:
-        wait_ready(lambda path: requests.get(base + path, timeout=5))
+        if wait:
+            wait_ready(lambda path: requests.get(base + path, timeout=5))
         yield base
     finally:
         server.should_exit = True

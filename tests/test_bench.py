@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from bench import constrained, gpu, load, model7b, preprocess, run_cpu
+from bench import constrained, gpu, load, metrics_cost, model7b, preprocess, run_cpu
 from bench.report import markdown_table, percentile
 
 
@@ -80,6 +80,22 @@ def test_constrained_bench_compares_equal_token_counts(tiny_artifact, tmp_path):
         assert row["tokens"] == f"{4 * row['batch']} / {4 * row['batch']}"
         assert row["plain_tok_s"] > 0 and row["constrained_tok_s"] > 0 and row["ratio"] > 0
     assert data["compile_ms"] > data["cached_ms"] >= 0
+
+
+def test_metrics_cost_alternates_runs_with_and_without_a_scraper(tiny_artifact, tmp_path):
+    assert metrics_cost.main(["--tiny", "--model-dir", tiny_artifact, "--scrape-every-ms", "20",
+                              "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "metrics_cost.json").read_text())
+    [row] = data["summary"]
+    assert row["concurrency"] == 4 and row["errors"] == 0 and row["ratio"] > 0 and row["ratios"].count(" ") == 1
+    assert row["scrapes"] >= 2 and row["scrape_p99_ms"] >= row["scrape_p50_ms"] > 0
+    assert row["with_cpu_ms_per_request"] > 0 and row["without_cpu_ms_per_request"] > 0  # the server's, from /proc
+    for pair in data["runs"]["4"]:
+        assert pair["with"]["ok"] == pair["without"]["ok"] == 24
+        assert pair["with"]["scrapes"] >= 1 and "scrapes" not in pair["without"]
+    idle = data["idle"]
+    assert idle["samples"] > 100 and idle["metrics_cpu_ms"] >= 0 and idle["ping_cpu_ms"] >= 0
+    assert "a scrape every 20 ms" in (tmp_path / "metrics_cost.md").read_text()
 
 
 def test_gpu_script_tiny_mode_runs_every_measurement(tmp_path):

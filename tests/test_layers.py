@@ -1,6 +1,6 @@
-"""The serve layers point one way: the engine (serve/engine/) imports no web framework, no HTTP module and no server
-config, and reads no environment variable; only serve/http/ speaks HTTP. Checked on the source and on a fresh
-interpreter's imports."""
+"""The serve layers point one way: the engine (serve/engine/) imports no web framework, no metrics library, no HTTP
+module and no server config, and reads no environment variable; only serve/http/ speaks HTTP and Prometheus.
+Checked on the source and on a fresh interpreter's imports."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE = ROOT / "serve" / "engine"
-WEB = ("fastapi", "starlette", "uvicorn", "pydantic")
+WEB = ("fastapi", "starlette", "uvicorn", "pydantic", "prometheus_client")  # the engine reports to serve.engine.stats
 FORBIDDEN_IN_ENGINE = WEB + ("serve.http", "serve.config", "serve.__main__")
 
 

@@ -10,6 +10,8 @@ a request past its deadline is answered 504 while the rest of its batch goes on;
 fails alone. The queue is bounded: beyond `max_queue` waiting requests, `submit` answers 503 `overloaded` at once.
 A CUDA out-of-memory answers that batch 503 `overloaded`; any other predictor exception answers it 500 and is
 logged. An unrecoverable CUDA error marks the batcher unhealthy, so `/ping` fails and SageMaker replaces the host.
+Each step is reported to `stats` (serve.engine.stats: queue time, batch size, each outcome), and the `waiting`,
+`running` and `preparing` counts are read by the metrics at scrape time.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from serve.engine.errors import ApiError, internal_error
-from serve.engine.types import GenerationRequest, Outcome
+from serve.engine.stats import NO_STATS, Stats
+from serve.engine.types import GenerationRequest, GenerationResult, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +40,13 @@ class _Item:
     enqueued: float = field(default_factory=time.monotonic)
     resolved: bool = False  # touched only by the generation thread
 
-    def resolve(self, outcome: Outcome) -> None:
+    def resolve(self, outcome: Outcome) -> bool:
+        """Hand `outcome` to the waiting caller; False when it already had one."""
         if self.resolved:
-            return
+            return False
         self.resolved = True
         self.loop.call_soon_threadsafe(_set_outcome, self.future, outcome)
+        return True
 
 
 def _retrieve(future: asyncio.Future) -> None:
@@ -55,8 +60,10 @@ def _set_outcome(future: asyncio.Future, outcome: Outcome) -> None:
 
 
 class Batcher:
-    def __init__(self, predictor: Any, *, max_batch_size: int = 8, max_wait_ms: float = 50.0, max_queue: int = 64):
+    def __init__(self, predictor: Any, *, max_batch_size: int = 8, max_wait_ms: float = 50.0, max_queue: int = 64,
+                 stats: Stats = NO_STATS):
         self.predictor = predictor
+        self.stats = stats
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue = max_queue
@@ -66,7 +73,21 @@ class Batcher:
         self._closing = False
         self._idle_since = 0.0  # when the generation thread last finished a batch
         self._expected = 0  # requests announced by `expect` that have not been submitted or withdrawn yet
+        self._running = 0  # requests of the batch generating now that have no outcome yet (generation thread only)
         self._thread = threading.Thread(target=self._run, name="generation", daemon=True)
+
+    # ------------------------------------------------------------------ load (serve.engine.stats.QueueLoad)
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    @property
+    def preparing(self) -> int:
+        return max(0, self._expected)
 
     # ------------------------------------------------------------------ event-loop side
     def start(self) -> Batcher:
@@ -128,7 +149,7 @@ class Batcher:
         with self._cond:
             left, self._queue = list(self._queue), deque()
         for it in left:
-            it.resolve(ApiError("not_ready", "the server shut down before this request ran"))
+            self._resolve(it, ApiError("not_ready", "the server shut down before this request ran"))
 
     # ------------------------------------------------------------------ generation thread
     def _run(self) -> None:
@@ -162,24 +183,41 @@ class Batcher:
                 self._cond.wait(remaining)
             take = min(len(self._queue), self.max_batch_size)
             batch = [self._queue.popleft() for _ in range(take)]
-        return [it for it in batch if not (it.request.cancelled or it.future.done())]
+        batch = [it for it in batch if not (it.request.cancelled or it.future.done())]
+        now = time.monotonic()
+        for it in batch:
+            self.stats.scheduled(now - it.enqueued)
+        return batch
 
     def _run_batch(self, items: list[_Item]) -> None:
         started = time.perf_counter()
+        self._running = len(items)  # back to 0 as _resolve answers each
+        self.stats.batch(len(items))
         try:
             outcomes = self.predictor.predict([it.request for it in items],
-                                              on_result=lambda i, outcome: items[i].resolve(outcome))
+                                              on_result=lambda i, outcome: self._resolve(items[i], outcome))
         except Exception as e:  # noqa: BLE001 - every failure must reach the waiting callers
             error = self._batch_error(e, len(items))
             for it in items:
-                it.resolve(error)
+                self._resolve(it, error)
             return
         for it, outcome in zip(items, outcomes, strict=False):
-            it.resolve(outcome)
+            self._resolve(it, outcome)
         for it in items:  # a predictor that returned too few outcomes is our bug, not the caller's
-            it.resolve(internal_error())
+            self._resolve(it, internal_error())
         log.debug("batch of %d done in %.1f ms (%d queued)", len(items), 1000 * (time.perf_counter() - started),
                   len(self._queue))
+
+    def _resolve(self, item: _Item, outcome: Outcome) -> None:
+        """Answer `item` (once), then report its outcome to `stats`."""
+        answered = time.monotonic()  # before the caller can be woken: its latency then includes this one
+        if not item.resolve(outcome):
+            return
+        if isinstance(outcome, GenerationResult):
+            self.stats.finished(outcome, answered - item.request.arrival)
+        else:
+            self.stats.failed(outcome.code)
+        self._running = max(0, self._running - 1)  # last: `running` 0 means every outcome is in the stats
 
     def _batch_error(self, e: Exception, size: int) -> ApiError:
         if type(e).__name__ == "OutOfMemoryError":

@@ -13,6 +13,8 @@ prepared (a prompt longer than the model's context) fails alone; the others stil
 A request with a `json_schema` is decoded under that schema's grammar (serve.engine.constrained), row by row: the
 other rows of its batch are untouched, and the row finishes ("stop") as soon as its JSON is complete.
 Prompts render with the chat template from the model dir (serve.engine.encoding) and pad on the left.
+Each row's first token and every later decode step are reported to `stats` (serve.engine.stats), from the times
+the stopping criterion already takes: no extra device read.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from serve.engine.constrained import GrammarLogits, GrammarState, JsonGrammar, J
 from serve.engine.encoding import Encoder
 from serve.engine.errors import ApiError, internal_error
 from serve.engine.model import LoadedModel
+from serve.engine.stats import NO_STATS, Stats
 from serve.engine.textstream import TextStream, cut_at_stop
 from serve.engine.types import GenerationRequest, GenerationResult, OnResult, Outcome
 
@@ -56,8 +59,10 @@ class Predictor:
     """Batched generation on a loaded artifact. One thread (the batcher's) calls `predict`; any thread may call
     `prepare`."""
 
-    def __init__(self, loaded: LoadedModel, *, max_new_tokens_cap: int = 1024, accel: AccelConfig | None = None):
+    def __init__(self, loaded: LoadedModel, *, max_new_tokens_cap: int = 1024, accel: AccelConfig | None = None,
+                 stats: Stats = NO_STATS):
         self.loaded = loaded
+        self.stats = stats
         # Static cache + compiled decode on CUDA (serve/engine/accel.py); SERVE_ACCEL=off keeps plain eager generate.
         self.accel = Accelerator(loaded.model, accel or AccelConfig(), device=loaded.device)
         self.encoder = Encoder(loaded.processor)
@@ -295,6 +300,7 @@ class _RowTracker:
         self.tokens: list[list[int]] = [[] for _ in rows]
         # Longest tail (in tokens) that can hold a stop string: a byte-level token is at least one byte.
         self.stop_window = [4 * max((len(s) for s in r.stop), default=0) + 4 for r in rows]
+        self.last_step: float | None = None  # when the previous token was generated
 
     def __call__(self, input_ids, scores, **kwargs):
         import torch
@@ -302,6 +308,7 @@ class _RowTracker:
         steps = input_ids.shape[1] - self.prompt_width
         last = input_ids[:, -1].tolist()
         now = time.monotonic()
+        self._report_step(now)
         for j, row in enumerate(self.rows):
             if self.done[j]:
                 continue
@@ -322,6 +329,17 @@ class _RowTracker:
                 self.tokens[j].append(last[j])
                 self._stream(j, self.predictor.decode(self.tokens[j]))
         return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
+
+    def _report_step(self, now: float) -> None:
+        """The first step is every row's first token; each later one is an inter-token interval of the rows still
+        generating."""
+        stats = self.predictor.stats
+        if self.last_step is None:
+            for req in self.requests:
+                stats.first_token(now - req.arrival)
+        else:
+            stats.inter_token(now - self.last_step, self.done.count(False))
+        self.last_step = now
 
     def finish_remaining(self, output_ids) -> None:
         steps = output_ids.shape[1] - self.prompt_width

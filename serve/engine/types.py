@@ -6,6 +6,7 @@ torch or a web framework.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -37,6 +38,9 @@ class GenerationRequest:
     # Streaming: called on the generation thread with each piece of the answer as it becomes safe to show
     # (serve.engine.textstream.TextStream); the pieces concatenate to the result's answer.
     on_text: Callable[[str], None] | None = field(default=None, compare=False, repr=False)
+    # time.monotonic() when the request arrived: the HTTP layer sets it to when it received the request, so the
+    # time to first token and the end-to-end latency (serve.engine.stats) include reading and preparing it.
+    arrival: float = field(default_factory=time.monotonic, compare=False, repr=False)
 
 
 @dataclass

@@ -5,7 +5,8 @@ The model loads on a background thread after the socket is listening (SageMaker 
 protocol's module (serve/http/sagemaker.py: /ping, /invocations, /execution-parameters; serve/http/openai.py:
 /v1/chat/completions, /v1/models). Every error has the
 envelope of serve/http/envelope.py; each request logs one line (id, method, path, status, latency; never payload
-content) and returns its id in `X-Request-Id` (serve/http/requests.py).
+content) and returns its id in `X-Request-Id` (serve/http/requests.py). `GET /metrics` serves Prometheus metrics
+(serve/http/metrics.py), fed by the engine's stats hooks.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from serve.config import ServeConfig
 from serve.engine.batching import Batcher
 from serve.engine.errors import ApiError
 from serve.engine.images import ImagePolicy
+from serve.engine.stats import NO_STATS, Stats
 from serve.engine.types import PredictorLike
-from serve.http import openai, sagemaker
+from serve.http import metrics, openai, sagemaker
 from serve.http.envelope import register_error_handlers
 from serve.http.requests import RequestLogMiddleware
 
@@ -38,12 +40,14 @@ log = logging.getLogger(__name__)
 
 
 class ServerState:
-    """What the routes share: the config, the image policy, the request-preparation executor, and the batcher
-    once the model is loaded."""
+    """What the routes share: the config, the image policy, the request-preparation executor, the metrics, and
+    the batcher once the model is loaded."""
 
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
         self.policy = ImagePolicy.from_config(cfg)
+        # model_name: vLLM's default served model name is the model path it was given
+        self.metrics = metrics.ServeMetrics(model_name=cfg.served_model_name)
         self.batcher: Batcher | None = None
         self.load_error: BaseException | None = None
         # Image decode and Predictor.prepare hold the GIL for much of their time. On Starlette's 40-thread pool,
@@ -64,7 +68,7 @@ class ServerState:
         return self.batcher
 
 
-def default_predictor_factory(cfg: ServeConfig) -> Callable[[], PredictorLike]:
+def default_predictor_factory(cfg: ServeConfig, stats: Stats = NO_STATS) -> Callable[[], PredictorLike]:
     def build():
         from serve.engine.model import load_artifact
         from serve.engine.predictor import Predictor
@@ -74,16 +78,17 @@ def default_predictor_factory(cfg: ServeConfig) -> Callable[[], PredictorLike]:
 
             torch.set_num_threads(cfg.torch_threads)
         loaded = load_artifact(cfg.model_dir, quantization=cfg.quantization, device=cfg.device)
-        return Predictor(loaded, max_new_tokens_cap=cfg.max_new_tokens, accel=cfg.accel_config())
+        return Predictor(loaded, max_new_tokens_cap=cfg.max_new_tokens, accel=cfg.accel_config(), stats=stats)
     return build
 
 
 def create_app(cfg: ServeConfig, *, predictor_factory: Callable[[], PredictorLike] | None = None,
                on_load_failure: Callable[[BaseException], None] | None = None) -> FastAPI:
     """`predictor_factory()` returns the engine's Predictor (built from `cfg.model_dir` by default) or a wrapper
-    around one; it runs on a background thread when the app starts."""
+    around one; it runs on a background thread when the app starts. A factory's Predictor reports its tokens to
+    the metrics when built with `stats=app.state.serve.metrics` (the default factory's does)."""
     state = ServerState(cfg)
-    factory = predictor_factory or default_predictor_factory(cfg)
+    factory = predictor_factory or default_predictor_factory(cfg, state.metrics)
 
     def load() -> None:
         started = time.perf_counter()
@@ -91,13 +96,15 @@ def create_app(cfg: ServeConfig, *, predictor_factory: Callable[[], PredictorLik
             predictor = factory()
             freeze_startup_heap()
             state.batcher = Batcher(predictor, max_batch_size=cfg.max_batch_size, max_wait_ms=cfg.max_wait_ms,
-                                    max_queue=cfg.max_queue).start()
+                                    max_queue=cfg.max_queue, stats=state.metrics).start()
+            state.metrics.watch(state.batcher)
         except BaseException as e:  # noqa: BLE001 - reported to the operator and to /ping
             state.load_error = e
             log.error("model load failed; /ping answers 503", exc_info=e)
             if on_load_failure is not None:
                 on_load_failure(e)
             return
+        state.metrics.model_loaded(time.perf_counter() - started)
         log.info("model ready in %.1f s", time.perf_counter() - started)
 
     @asynccontextmanager
@@ -112,8 +119,10 @@ def create_app(cfg: ServeConfig, *, predictor_factory: Callable[[], PredictorLik
                   openapi_url=None)
     app.state.serve = state
     register_error_handlers(app)
+    app.add_middleware(metrics.MetricsMiddleware, metrics=state.metrics)
     app.add_middleware(RequestLogMiddleware)
     sagemaker.add_routes(app, state)
+    metrics.add_routes(app, state)
     openai.add_routes(app, state)
     return app
 

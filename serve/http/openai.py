@@ -29,6 +29,7 @@ from serve.config import ServeConfig
 from serve.engine.batching import Batcher
 from serve.engine.errors import ApiError, internal_error
 from serve.engine.images import ImagePolicy, decode_image, image_bytes, is_remote
+from serve.engine.stats import NO_STATS, Stats
 from serve.engine.types import GenerationRequest, GenerationResult, PredictorLike
 from serve.http.openai_schema import (
     ChatCall,
@@ -106,6 +107,7 @@ async def answer_chat(state: ServerState, batcher: Batcher, payload: Any, reques
             model = served_model(call.model, state.cfg)
             batcher.check_room(1)
             prepared = await _prepare(state, batcher.predictor, call, deadline)
+            prepared.arrival = started  # queue time counts from here (serve/http/metrics.py)
         except BaseException:
             batcher.withdraw()
             raise
@@ -138,20 +140,23 @@ async def _prepare(state: ServerState, predictor: PredictorLike, call: ChatCall,
     data = None
     if call.image_url is not None and is_remote(call.image_url):
         data = await run_in_threadpool(_image_bytes, call, state.policy, deadline)
-    return await state.in_prepare_pool(build_request, call, data, state.policy, deadline, predictor)
+    return await state.in_prepare_pool(build_request, call, data, state.policy, deadline, predictor, state.metrics)
 
 
 def build_request(call: ChatCall, data: bytes | None, policy: ImagePolicy, deadline: float,
-                  predictor: PredictorLike) -> GenerationRequest:
+                  predictor: PredictorLike, stats: Stats = NO_STATS) -> GenerationRequest:
     """The engine request for `call`, its image decoded (from `data`, or from a data:/base64 URL here) and its
-    prompt encoded, on this thread."""
+    prompt encoded, on this thread; each step's time goes to `stats`."""
     image = None
+    started = time.monotonic()
     if call.image_url is not None:
         data = data if data is not None else _image_bytes(call, policy, deadline)
         try:
             image = decode_image(data, policy.max_pixels, shrink_for=predictor.image_processor)
         except ApiError as e:
             raise ChatError(e.code, e.message, call.image_param) from None
+        stats.image_decoded(time.monotonic() - started)
+    encode_started = time.monotonic()
     # A single user turn goes through encode(question, image), as on /invocations; anything else as a conversation.
     request = GenerationRequest(image=image, question=call.question or "",
                                 messages=None if call.question is not None else call.messages,
@@ -159,6 +164,7 @@ def build_request(call: ChatCall, data: bytes | None, policy: ImagePolicy, deadl
                                 stop=call.stop, seed=call.seed, json_schema=call.json_schema,
                                 deadline=deadline)
     predictor.prepare(request)
+    stats.prepared(time.monotonic() - encode_started)
     return request
 
 

@@ -78,7 +78,8 @@ class RequestLogMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            quiet = scope["path"] == "/ping" and status == 200  # SageMaker pings every few seconds
+            # SageMaker pings every few seconds and scrapes /metrics every minute
+            quiet = scope["path"] in ("/ping", "/metrics") and status == 200
             log.log(logging.DEBUG if quiet else logging.INFO, "request id=%s method=%s path=%s status=%d "
                     "latency_ms=%.1f", request_id, scope["method"], scope["path"], status,
                     1000 * (time.perf_counter() - started))

@@ -39,6 +39,7 @@ from starlette.responses import JSONResponse, Response
 from serve.engine.batching import Batcher
 from serve.engine.errors import ApiError, internal_error
 from serve.engine.images import ImagePolicy, decode_image, image_bytes, is_remote
+from serve.engine.stats import NO_STATS, Stats
 from serve.engine.types import GenerationRequest, PredictorLike
 from serve.http import openai
 from serve.http.envelope import error_response
@@ -122,6 +123,8 @@ async def _invoke(state: ServerState, request: Request, started: float) -> Respo
     except BaseException:
         batcher.withdraw()
         raise
+    for r in decoded.requests:  # the engine's time to first token and latency count from here
+        r.arrival = started
     if decoded.stream:
         return await stream_answer(batcher, decoded.requests[0], deadline, started, request_id_of(request))
     outcomes = await batcher.submit(decoded.requests, deadline, expected=True)
@@ -185,7 +188,7 @@ async def decode_request(state: ServerState, batcher: Batcher, request: Request,
         if any(is_remote(item.image) for item in items):
             images = await run_in_threadpool(_fetch_all, items, state.policy, deadline, is_batch)
         requests = await state.in_prepare_pool(_prepare_all, items, images, state.policy, deadline, is_batch,
-                                               predictor)
+                                               predictor, state.metrics)
         return Decoded(requests, is_batch, stream=not is_batch and items[0].stream)
     attributes = parse_qsl(request.headers.get(CUSTOM_ATTRIBUTES, ""), keep_blank_values=True)
     params = parse_raw_params(request.query_params.multi_items(), attributes, max_new_tokens=cfg.max_new_tokens)
@@ -193,7 +196,7 @@ async def decode_request(state: ServerState, batcher: Batcher, request: Request,
     if not body.data:
         raise ApiError("invalid_image", "the body is empty; send the image bytes")
     prepared = await state.in_prepare_pool(prepare_request, body.data, params, cfg.max_image_pixels, deadline,
-                                           predictor)
+                                           predictor, state.metrics)
     return Decoded([prepared], is_batch=False, stream=params.stream)
 
 
@@ -206,12 +209,12 @@ def _fetch_all(items: list, policy: ImagePolicy, deadline: float, is_batch: bool
 
 
 def _prepare_all(items: list, images: list[bytes] | None, policy: ImagePolicy, deadline: float, is_batch: bool,
-                 predictor: PredictorLike) -> list[GenerationRequest]:
+                 predictor: PredictorLike, stats: Stats) -> list[GenerationRequest]:
     requests = []
     for i, item in enumerate(items):
         with _instance_errors(i, is_batch):
             data = images[i] if images is not None else image_bytes(item.image, policy, deadline=deadline)
-            requests.append(prepare_request(data, item, policy.max_pixels, deadline, predictor))
+            requests.append(prepare_request(data, item, policy.max_pixels, deadline, predictor, stats))
     return requests
 
 
@@ -226,12 +229,16 @@ def _instance_errors(i: int, is_batch: bool):
 
 
 def prepare_request(image: bytes, params: GenerationParams, max_pixels: int, deadline: float,
-                    predictor: PredictorLike) -> GenerationRequest:
+                    predictor: PredictorLike, stats: Stats = NO_STATS) -> GenerationRequest:
     """Decode the image (shrunk for the model's processor), build the engine request and encode it, on this
-    thread."""
+    thread; each step's time goes to `stats`."""
+    started = time.monotonic()
     decoded: Any = decode_image(image, max_pixels, shrink_for=predictor.image_processor)
+    decoded_at = time.monotonic()
+    stats.image_decoded(decoded_at - started)
     request = GenerationRequest(image=decoded, question=params.question, temperature=params.temperature,
                                 top_p=params.top_p, max_new_tokens=params.max_new_tokens,
                                 stop=tuple(params.stop or ()), json_schema=params.json_schema, deadline=deadline)
     predictor.prepare(request)
+    stats.prepared(time.monotonic() - decoded_at)
     return request
