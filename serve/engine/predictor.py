@@ -10,6 +10,11 @@ handed to `on_result` at once, so callers of short answers do not wait for the l
 `on_text` also gets its answer's pieces while it is generated (serve.engine.textstream). A row that cannot be
 prepared (a prompt longer than the model's context) fails alone; the others still run.
 Prompts render with the chat template from the model dir (serve.engine.encoding) and pad on the left.
+
+With `adapters=AdapterLimits(...)` rows may name a LoRA adapter (`GenerationRequest.adapter`, serve/engine/adapters.py):
+rows of different adapters and of the base share one generate call on the adapter tree (eager), each answering as its
+adapter alone would. When the compiled decode path is on, the base rows of a mixed batch run on it in a call of their
+own, so a base answer never depends on what else was batched.
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ import copy
 import logging
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from serve.engine.accel import AccelConfig, Accelerator
+from serve.engine.adapters import AdapterLimits, AdapterRegistry
 from serve.engine.encoding import Encoder
 from serve.engine.errors import ApiError, internal_error
 from serve.engine.model import LoadedModel
@@ -44,17 +51,20 @@ class _Row:
     top_p: float
     max_new_tokens: int
     stop: tuple[str, ...]
+    adapter: str | None = None
 
 
 class Predictor:
     """Batched generation on a loaded artifact. One thread (the batcher's) calls `predict`; any thread may call
     `prepare`."""
 
-    def __init__(self, loaded: LoadedModel, *, max_new_tokens_cap: int = 1024, accel: AccelConfig | None = None):
+    def __init__(self, loaded: LoadedModel, *, max_new_tokens_cap: int = 1024, accel: AccelConfig | None = None,
+                 adapters: AdapterLimits | None = None):
         self.loaded = loaded
         # Static cache + compiled decode on CUDA (serve/engine/accel.py); SERVE_ACCEL=off keeps plain eager generate.
         self.accel = Accelerator(loaded.model, accel or AccelConfig(), device=loaded.device)
         self.encoder = Encoder(loaded.processor)
+        self.adapters = AdapterRegistry(loaded, adapters, base_encoder=self.encoder) if adapters else None
         gen = loaded.generation_config
         self.max_new_tokens_cap = max_new_tokens_cap
         self.default_max_new_tokens = min(gen.max_new_tokens or 128, max_new_tokens_cap)
@@ -102,14 +112,20 @@ class Predictor:
             except ApiError as e:
                 deliver(i, e)
         if rows:
-            with torch.inference_mode():
-                self._generate(rows, requests, deliver)
+            # Leased (adapters loaded if need be) before inference mode: weights loaded here outlive this call.
+            with self._adapters_leased(rows, deliver) as rows, torch.inference_mode():
+                if rows:
+                    self._generate(rows, requests, deliver)
         return [r if r is not None else ApiError("internal_error", "no result") for r in results]
 
     @property
     def image_processor(self) -> Any:
         """What serve.engine.images shrinks images for, on the request threads (serve.engine.preshrink)."""
         return self.loaded.processor.image_processor
+
+    def image_processor_for(self, adapter: str | None) -> Any:
+        """The image processor of requests on `adapter` (its own when it saved a different one)."""
+        return self.image_processor if adapter is None else self._registry().encoder(adapter).processor.image_processor
 
     # ------------------------------------------------------------------ preparation
     def prepare(self, req: GenerationRequest) -> None:
@@ -119,7 +135,8 @@ class Predictor:
         req.inputs = self._encode(req)
 
     def _encode(self, req: GenerationRequest) -> dict[str, Any]:
-        inputs = self.encoder.encode(req.question, req.image)
+        encoder = self.encoder if req.adapter is None else self._registry().encoder(req.adapter)
+        inputs = encoder.encode(req.question, req.image)
         prompt_tokens = int(inputs["input_ids"].shape[1])
         context = self.loaded.max_positions
         if context is not None and prompt_tokens >= context:
@@ -140,7 +157,33 @@ class Predictor:
             max_new = min(max_new, self.loaded.max_positions - prompt_tokens)
         temperature = self.default_temperature if req.temperature is None else float(req.temperature)
         top_p = self.default_top_p if req.top_p is None else float(req.top_p)
-        return _Row(index, inputs, prompt_tokens, temperature, top_p, max_new, tuple(s for s in req.stop if s))
+        adapter = None if req.adapter is None else self._registry().resolve(req.adapter)
+        return _Row(index, inputs, prompt_tokens, temperature, top_p, max_new, tuple(s for s in req.stop if s),
+                    adapter)
+
+    def _registry(self) -> AdapterRegistry:
+        if self.adapters is None:
+            raise ApiError("adapter_not_found", "this server serves no adapters (SERVE_MAX_ADAPTERS=0)")
+        return self.adapters
+
+    @contextmanager
+    def _adapters_leased(self, rows: list[_Row], deliver: OnResult):
+        """The rows whose adapters are resident and leased for this call; rows of an adapter that cannot be loaded
+        now fail alone."""
+        leases, failed = [], {}
+        for name in dict.fromkeys(r.adapter for r in rows if r.adapter is not None):
+            try:
+                leases.append(self._registry().checkout([name]))
+            except ApiError as e:
+                failed[name] = e
+        try:
+            for r in rows:
+                if r.adapter in failed:
+                    deliver(r.index, failed[r.adapter])
+            yield [r for r in rows if r.adapter not in failed]
+        finally:
+            for lease in leases:
+                lease.release()
 
     def _collate(self, rows: list[_Row]) -> dict[str, Any]:
         """Left-pad the token sequences, concatenate the per-image tensors."""
@@ -163,9 +206,10 @@ class Predictor:
     def _generate(self, rows: list[_Row], requests: Sequence[GenerationRequest], deliver: OnResult) -> None:
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
-        groups: dict[frozenset, list[_Row]] = {}
+        groups: dict[tuple, list[_Row]] = {}
+        split_base = self.accel.enabled and any(r.adapter is not None for r in rows)  # base rows stay compiled
         for r in rows:  # rows with and without an image have different processor outputs: one call per kind
-            groups.setdefault(frozenset(r.inputs), []).append(r)
+            groups.setdefault((frozenset(r.inputs), split_base and r.adapter is None), []).append(r)
         if len(groups) > 1:
             for group in groups.values():
                 self._generate(group, requests, deliver)
@@ -175,8 +219,13 @@ class Predictor:
         sample = any(r.temperature > 0 for r in rows)
         gen = self._generation_config(max(r.max_new_tokens for r in rows), sample)
         processors = LogitsProcessorList([_PerRowSampling(rows)] if sample else [])
-        out = self.accel.generate(self.loaded.model, batch, generation_config=gen, logits_processor=processors,
-                                  stopping_criteria=StoppingCriteriaList([tracker]))
+        stopping = StoppingCriteriaList([tracker])
+        if any(r.adapter is not None for r in rows):  # eager, on the adapter tree (serve/engine/lora.py)
+            out = self._registry().generate(batch, [r.adapter for r in rows], generation_config=gen,
+                                            logits_processor=processors, stopping_criteria=stopping)
+        else:
+            out = self.accel.generate(self.loaded.model, batch, generation_config=gen, logits_processor=processors,
+                                      stopping_criteria=stopping)
         tracker.finish_remaining(out)
 
     def _generation_config(self, max_new_tokens: int, sample: bool):

@@ -22,6 +22,7 @@ class GenerationRequest:
     max_new_tokens: int | None = None
     stop: Sequence[str] = ()
     deadline: float | None = None  # time.monotonic() by which the answer is due
+    adapter: str | None = None  # a LoRA adapter's name (serve/engine/adapters.py); None: the base model
     cancelled: bool = field(default=False, compare=False)  # set when the caller gave up; the row stops
     inputs: dict | None = field(default=None, compare=False, repr=False)  # Predictor.prepare's processor outputs
     # Streaming: called on the generation thread with each piece of the answer as it becomes safe to show
