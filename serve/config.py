@@ -18,6 +18,8 @@ from typing import Any
 
 # The engine modules import only the stdlib at import time: reading the config pulls in no torch.
 from serve.engine.accel import AccelConfig, buckets_up_to
+from serve.engine.adapter_files import SourcePolicy
+from serve.engine.adapters import AdapterLimits
 from serve.engine.model import QUANTIZATIONS
 
 MiB = 1024 * 1024
@@ -66,6 +68,13 @@ class ServeConfig:
     accel_batch_buckets: tuple[int, ...] = _ACCEL.batch_buckets
     accel_cache_bucket: int = _ACCEL.cache_bucket
     accel_cache_gib: float | None = _ACCEL.cache_gib  # None: 30% of the GPU's memory
+    # LoRA adapters on the served model (serve/engine/adapters.py, docs/adapters.md)
+    max_adapters: int = 8  # resident at once (least recently used unpinned ones are evicted); 0: no adapters
+    max_adapter_rank: int = 64
+    adapter_memory_mb: int = 4096  # weights of all resident adapters together
+    adapter_roots: tuple[Path, ...] = ()  # local folders adapters may come from; (): the model dir and /opt/ml
+    adapter_s3_buckets: tuple[str, ...] | None = None  # buckets s3:// adapters may come from; None: any
+    adapter_cache_dir: Path = Path("/tmp/llava-adapters")  # where downloaded and unpacked adapters are kept
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ServeConfig:
@@ -83,6 +92,16 @@ class ServeConfig:
         values = {name: getattr(self, name) for name in ACCEL_FIELDS}
         values["accel_batch_buckets"] = buckets_up_to(self.max_batch_size, self.accel_batch_buckets)
         return accel_config_of(values)
+
+    def adapter_limits(self) -> AdapterLimits | None:
+        """The `serve.engine.adapters.AdapterLimits` these settings describe; None when adapters are off."""
+        if self.max_adapters == 0:
+            return None
+        roots = self.adapter_roots or (Path(self.model_dir), Path("/opt/ml"))
+        return AdapterLimits(max_resident=self.max_adapters, max_rank=self.max_adapter_rank,
+                             memory_bytes=self.adapter_memory_mb * MiB,
+                             sources=SourcePolicy(local_roots=tuple(roots), s3_buckets=self.adapter_s3_buckets,
+                                                  cache_dir=self.adapter_cache_dir))
 
     def summary(self) -> str:
         """One line with every resolved value, for the start-up log."""
@@ -196,6 +215,16 @@ def _s3_buckets(raw: str) -> tuple[str, ...] | None:
     return tuple(names)
 
 
+def _paths(raw: str) -> tuple[Path, ...]:
+    paths = tuple(Path(x.strip()) for x in raw.split(",") if x.strip())
+    relative = [str(p) for p in paths if not p.is_absolute()]
+    if relative:
+        raise ValueError(f"not absolute paths: {', '.join(relative)}")
+    if not paths:
+        raise ValueError("needs absolute folder paths, comma-separated")
+    return paths
+
+
 def _sagemaker_payload(raw: str, problems: list[str]) -> dict[str, int]:
     # Batch transform sets this; 0 means "unlimited" there, which we do not offer, so the default stays.
     try:
@@ -237,6 +266,12 @@ ENV_VARS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "accel_batch_buckets": ("SERVE_ACCEL_BATCH_BUCKETS", _buckets),
     "accel_cache_bucket": ("SERVE_ACCEL_CACHE_BUCKET", _int(1)),
     "accel_cache_gib": ("SERVE_ACCEL_CACHE_GIB", _float(0)),
+    "max_adapters": ("SERVE_MAX_ADAPTERS", _int(0, 1024)),
+    "max_adapter_rank": ("SERVE_MAX_ADAPTER_RANK", _int(1, 4096)),
+    "adapter_memory_mb": ("SERVE_ADAPTER_MEMORY_MB", _int(1)),
+    "adapter_roots": ("SERVE_ADAPTER_ROOTS", _paths),
+    "adapter_s3_buckets": ("SERVE_ADAPTER_S3_BUCKETS", _s3_buckets),
+    "adapter_cache_dir": ("SERVE_ADAPTER_CACHE_DIR", Path),
 }
 ACCEL_FIELDS = tuple(name for name in ENV_VARS if name.startswith("accel_"))
 

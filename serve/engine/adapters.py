@@ -212,7 +212,10 @@ class AdapterRegistry:
         """Every subfolder of `root` as an adapter named after it (start-up: `$SM_MODEL_DIR/adapters/<name>/`)."""
         names = []
         for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-            self.register(folder.name, str(folder.resolve()), preload=True)
+            try:
+                self.register(folder.name, str(folder.resolve()), preload=True)
+            except ApiError as e:
+                raise ApiError(e.code, f"adapter folder {folder}: {e.message}") from None
             names.append(folder.name)
         return names
 

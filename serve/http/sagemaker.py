@@ -3,7 +3,7 @@
     GET  /ping                  200 once the model is loaded and healthy, else 503 `not_ready`; never waits on
                                 generation (it runs on the batcher's thread)
     POST /invocations           application/json: {"image", "question", "temperature", "top_p", "max_new_tokens",
-                                "stop", "stream"} or {"instances": [...]}; or a raw image body (image/png,
+                                "stop", "stream", "adapter"} or {"instances": [...]}; or a raw image body (image/png,
                                 image/jpeg, image/webp, application/x-image) with the question in ?question= or in
                                 X-Amzn-SageMaker-Custom-Attributes
                                 -> {"answer", "usage": {"prompt_tokens", "completion_tokens"}, "finish_reason",
@@ -34,6 +34,7 @@ from serve.engine.batching import Batcher
 from serve.engine.errors import ApiError, internal_error
 from serve.engine.images import ImagePolicy, decode_image, image_bytes, is_remote
 from serve.engine.types import GenerationRequest, PredictorLike
+from serve.http import adapters
 from serve.http.envelope import error_response
 from serve.http.requests import MiB, read_body_capped, request_id_of
 from serve.http.schema import GenerationParams, parse_json_body, parse_raw_params, reply_body
@@ -93,12 +94,20 @@ async def _invoke(state: ServerState, request: Request, started: float) -> Respo
     batcher.expect()  # a lone queued request waits for this one only while it is on its way
     try:
         decoded = await decode_request(state, batcher, request, deadline)
+        lease = await adapters.lease_adapters(state, decoded.requests, deadline)
     except BaseException:
         batcher.withdraw()
         raise
-    if decoded.stream:
-        return await stream_answer(batcher, decoded.requests[0], deadline, started, request_id_of(request))
-    outcomes = await batcher.submit(decoded.requests, deadline, expected=True)
+    streamed = None
+    try:
+        if decoded.stream:
+            response = await stream_answer(batcher, decoded.requests[0], deadline, started, request_id_of(request))
+            streamed = adapters.release_when_sent(response, lease)
+            return streamed
+        outcomes = await batcher.submit(decoded.requests, deadline, expected=True)
+    finally:
+        if streamed is None:
+            lease.release()
     for outcome in outcomes:
         if isinstance(outcome, ApiError):
             raise outcome
@@ -113,6 +122,7 @@ async def decode_request(state: ServerState, batcher: Batcher, request: Request,
     Network fetches wait on Starlette's big thread pool; decoding and encoding hold the GIL for much of their time,
     so they run on the small prepare pool and the generation thread only generates."""
     cfg, predictor = state.cfg, batcher.predictor
+    adapter = adapters.header_adapter(request)
     content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if content_type not in JSON_TYPES + IMAGE_TYPES:
         raise ApiError("unsupported_media_type", f"Content-Type {content_type or '(none)'!r} is not accepted; send "
@@ -125,14 +135,15 @@ async def decode_request(state: ServerState, batcher: Batcher, request: Request,
         if any(is_remote(item.image) for item in items):
             images = await run_in_threadpool(_fetch_all, items, state.policy, deadline, is_batch)
         requests = await state.in_prepare_pool(_prepare_all, items, images, state.policy, deadline, is_batch,
-                                               predictor)
+                                               predictor, adapter)
         return Decoded(requests, is_batch, stream=not is_batch and items[0].stream)
     attributes = parse_qsl(request.headers.get(CUSTOM_ATTRIBUTES, ""), keep_blank_values=True)
     params = parse_raw_params(request.query_params.multi_items(), attributes, max_new_tokens=cfg.max_new_tokens)
     batcher.check_room(1)
     if not body:
         raise ApiError("invalid_image", "the body is empty; send the image bytes")
-    prepared = await state.in_prepare_pool(prepare_request, body, params, cfg.max_image_pixels, deadline, predictor)
+    prepared = await state.in_prepare_pool(prepare_request, body, params, cfg.max_image_pixels, deadline, predictor,
+                                           adapter)
     return Decoded([prepared], is_batch=False, stream=params.stream)
 
 
@@ -145,12 +156,12 @@ def _fetch_all(items: list, policy: ImagePolicy, deadline: float, is_batch: bool
 
 
 def _prepare_all(items: list, images: list[bytes] | None, policy: ImagePolicy, deadline: float, is_batch: bool,
-                 predictor: PredictorLike) -> list[GenerationRequest]:
+                 predictor: PredictorLike, adapter: str | None = None) -> list[GenerationRequest]:
     requests = []
     for i, item in enumerate(items):
         with _instance_errors(i, is_batch):
             data = images[i] if images is not None else image_bytes(item.image, policy, deadline=deadline)
-            requests.append(prepare_request(data, item, policy.max_pixels, deadline, predictor))
+            requests.append(prepare_request(data, item, policy.max_pixels, deadline, predictor, adapter))
     return requests
 
 
@@ -165,12 +176,14 @@ def _instance_errors(i: int, is_batch: bool):
 
 
 def prepare_request(image: bytes, params: GenerationParams, max_pixels: int, deadline: float,
-                    predictor: PredictorLike) -> GenerationRequest:
-    """Decode the image (shrunk for the model's processor), build the engine request and encode it, on this
-    thread."""
-    decoded: Any = decode_image(image, max_pixels, shrink_for=predictor.image_processor)
+                    predictor: PredictorLike, adapter: str | None = None) -> GenerationRequest:
+    """Decode the image (shrunk for the processor of the model or of the adapter the request names: `adapter`, its
+    header's, or its body's), build the engine request and encode it, on this thread."""
+    adapter = adapters.pick_adapter(adapter, params.adapter)
+    shrink_for = predictor.image_processor if adapter is None else predictor.image_processor_for(adapter)
+    decoded: Any = decode_image(image, max_pixels, shrink_for=shrink_for)
     request = GenerationRequest(image=decoded, question=params.question, temperature=params.temperature,
                                 top_p=params.top_p, max_new_tokens=params.max_new_tokens,
-                                stop=tuple(params.stop or ()), deadline=deadline)
+                                stop=tuple(params.stop or ()), deadline=deadline, adapter=adapter)
     predictor.prepare(request)
     return request

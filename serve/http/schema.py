@@ -2,7 +2,7 @@
 and the reply (`reply_body`).
 
     {"image": "<url | s3:// | data: | base64>", "question": "...", "temperature": 0.1, "top_p": 0.9,
-     "max_new_tokens": 64, "stop": ["\\n"], "stream": false}
+     "max_new_tokens": 64, "stop": ["\\n"], "stream": false, "adapter": "charts"}
     {"instances": [<the object above, without "stream">, ...]}
 
 Only `image` and `question` are required; unknown fields are refused (a misspelt "max_tokens" would otherwise be
@@ -25,7 +25,7 @@ from serve.http.envelope import describe_validation_errors
 MAX_QUESTION_CHARS = 20_000
 MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 64
-PARAM_FIELDS = ("question", "temperature", "top_p", "max_new_tokens", "stop", "stream")
+PARAM_FIELDS = ("question", "temperature", "top_p", "max_new_tokens", "stop", "stream", "adapter")
 
 
 class GenerationParams(BaseModel):
@@ -37,6 +37,8 @@ class GenerationParams(BaseModel):
     max_new_tokens: int | None = Field(default=None, ge=1)
     stop: list[str] | None = Field(default=None, max_length=MAX_STOP_STRINGS)
     stream: bool = Field(default=False, description="answer as server-sent events (serve.http.sse)")
+    adapter: str | None = Field(default=None, min_length=1, max_length=63,
+                                description="a loaded LoRA adapter's name (serve.http.adapters); none: the base model")
 
     @field_validator("question")
     @classmethod
