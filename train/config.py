@@ -99,6 +99,9 @@ class TrainConfig:
     eval_max_new_tokens: int = _f(32, "tokens generated per validation answer")
     merge_dtype: str = _f("auto", "dtype of the merged weights: auto (bf16/fp16 as trained, fp32 on CPU), "
                                   "bfloat16, float16, float32")
+    export: str = _f("merged", "what the job writes: merged (the merged model), adapter (the LoRA adapter and "
+                               "projector as a PEFT folder + adapter.tar.gz, for adapter inference components; "
+                               "docs/adapters.md) or both")
     log_sample_ids: bool = _f(False, "log the example ids of every batch on every rank (debugging data sharding)")
 
     def to_dict(self) -> dict[str, Any]:

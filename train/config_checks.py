@@ -26,6 +26,7 @@ SCHEDULER_KWARGS_NEEDED = {"cosine_with_min_lr": '{"min_lr_rate": 0.1}',
                            "cosine_warmup_with_min_lr": '{"min_lr_rate": 0.1}',
                            "warmup_stable_decay": '{"num_decay_steps": 100}'}
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+EXPORTS = ("merged", "adapter", "both")  # --export: train/export.py
 
 
 def validate(cfg: TrainConfig) -> list[str]:
@@ -95,6 +96,10 @@ def validate(cfg: TrainConfig) -> list[str]:
         p.append(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
     if cfg.merge_dtype not in ("auto", "bfloat16", "float16", "float32"):
         p.append(f"merge_dtype must be auto, bfloat16, float16 or float32, got {cfg.merge_dtype!r}")
+    if cfg.export not in EXPORTS:
+        p.append(f"export must be one of {', '.join(EXPORTS)}, got {cfg.export!r}")
+    elif cfg.export != "merged" and not cfg.lora_enable:
+        p.append(f"--export {cfg.export} needs --lora_enable True: a full fine-tune has no adapter to export")
     p += _deepspeed_problems(cfg)
     return p
 
