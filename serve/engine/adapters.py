@@ -119,8 +119,8 @@ class AdapterRegistry:
         return name
 
     def encoder(self, name: str) -> Any:
-        """The Encoder that renders prompts for requests on `name`."""
-        return self._entry(name).encoder
+        """The Encoder that renders prompts for requests on `name` (also while it is being unregistered)."""
+        return self._entry(name, retiring_ok=True).encoder
 
     def key(self, name: str) -> str:
         """The tree's key of a resident adapter the caller holds a lease on (even one being unregistered)."""
@@ -135,10 +135,10 @@ class AdapterRegistry:
             now = time.monotonic()
             return [self._describe(e, now) for e in sorted(self._entries.values(), key=lambda e: e.name)]
 
-    def _entry(self, name: str) -> _Entry:
+    def _entry(self, name: str, *, retiring_ok: bool = False) -> _Entry:
         with self._lock:
             entry = self._entries.get(name)
-        if entry is None or entry.retiring:
+        if entry is None or (entry.retiring and not retiring_ok):
             raise ApiError("adapter_not_found", f"adapter {str(name)[:80]!r} is not loaded on this server")
         return entry
 
@@ -175,8 +175,8 @@ class AdapterRegistry:
         return self._describe(entry, time.monotonic())
 
     def retire(self, name: str) -> None:
-        """Refuse new requests on `name` (404) while the ones it is answering finish."""
-        entry = self._entry(name)
+        """Refuse new requests on `name` (404) while the ones it is answering finish (again: a retried unload)."""
+        entry = self._entry(name, retiring_ok=True)
         with self._lock:
             entry.retiring = True
 
@@ -220,15 +220,18 @@ class AdapterRegistry:
         return names
 
     # ------------------------------------------------------------------ use
-    def checkout(self, names: Iterable[str], *, expires_at: float | None = None) -> Lease:
-        """Lease `names` until released (or `expires_at`), loading any that is not resident. Blocking."""
+    def checkout(self, names: Iterable[str], *, expires_at: float | None = None, retiring_ok: bool = False) -> Lease:
+        """Lease `names` until released (or `expires_at`), loading any that is not resident. Blocking. A request
+        arriving is refused an adapter being unregistered; `retiring_ok` is for the rows of requests accepted
+        before (the predictor's own lease for its batch)."""
         wanted = list(dict.fromkeys(names))
         if not wanted:
             return NO_LEASE
         lease_id, expiry = next(self._lease_ids), math.inf if expires_at is None else expires_at
         with self._lock:
             entries = [self._entries.get(name) for name in wanted]
-            missing = [n for n, e in zip(wanted, entries, strict=True) if e is None or e.retiring]
+            missing = [n for n, e in zip(wanted, entries, strict=True)
+                       if e is None or (e.retiring and not retiring_ok)]
             if missing:
                 raise ApiError("adapter_not_found", f"adapter {missing[0][:80]!r} is not loaded on this server")
             now = time.monotonic()
@@ -337,7 +340,8 @@ class AdapterRegistry:
 
     def _describe(self, entry: _Entry, now: float) -> dict[str, Any]:
         return {"name": entry.name, "src": entry.src, "rank": entry.rank, "resident": entry.resident,
-                "pinned": entry.pinned, "bytes": entry.nbytes, "in_use": entry.busy(now),
+                "pinned": entry.pinned, "bytes": entry.nbytes,
+                "in_flight": sum(1 for expiry in entry.leases.values() if expiry > now),
                 "own_processor": entry.encoder is not self.base_encoder}
 
 

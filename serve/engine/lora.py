@@ -75,11 +75,8 @@ class LoraTree:
         with self.lock:
             if self._peft is None or key not in self._peft.peft_config:
                 return
-            self._peft.delete_adapter(key)
-            _drop(self._router.trained, key)
             self.sizes.pop(key, None)
-            if self.sizes:  # PEFT applies adapter_names only while some adapter is active
-                self._peft.set_adapter(next(iter(self.sizes)))
+            self._delete(key)
 
     @property
     def keys(self) -> list[str]:
@@ -139,10 +136,16 @@ class LoraTree:
             self._peft = self._router = None
             return
         if key in self._peft.peft_config:
-            self._peft.delete_adapter(key)
+            self._delete(key)
+
+    def _delete(self, key: str) -> None:
+        """Remove `key` from the tree. PEFT applies adapter_names only while some adapter is active, so another one
+        (if any) is made active first."""
+        others = [k for k in self._peft.peft_config if k != key]
+        if others:
+            self._peft.set_adapter(others[0])
+        self._peft.delete_adapter(key)
         _drop(self._router.trained, key)
-        if self.sizes:
-            self._peft.set_adapter(next(iter(self.sizes)))
 
 
 def _drop(modules: Any, key: str) -> None:

@@ -157,9 +157,8 @@ class Predictor:
             max_new = min(max_new, self.loaded.max_positions - prompt_tokens)
         temperature = self.default_temperature if req.temperature is None else float(req.temperature)
         top_p = self.default_top_p if req.top_p is None else float(req.top_p)
-        adapter = None if req.adapter is None else self._registry().resolve(req.adapter)
         return _Row(index, inputs, prompt_tokens, temperature, top_p, max_new, tuple(s for s in req.stop if s),
-                    adapter)
+                    req.adapter)
 
     def _registry(self) -> AdapterRegistry:
         if self.adapters is None:
@@ -173,7 +172,7 @@ class Predictor:
         leases, failed = [], {}
         for name in dict.fromkeys(r.adapter for r in rows if r.adapter is not None):
             try:
-                leases.append(self._registry().checkout([name]))
+                leases.append(self._registry().checkout([name], retiring_ok=True))  # accepted before an unload
             except ApiError as e:
                 failed[name] = e
         try:

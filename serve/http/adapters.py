@@ -3,8 +3,8 @@
     POST   /adapters         {"name": "charts", "src": "s3://bucket/adapters/charts.tar.gz", "preload": true,
                              "pin": false} (or the same as query parameters) -> 200 {"adapter": {...}}
     DELETE /adapters/{name}  -> 200 {"unloaded": name}, once the requests it is answering are answered
-    GET    /adapters         -> 200 {"adapters": [{"name", "src", "rank", "resident", "pinned", "bytes", "in_use",
-                             "own_processor"}, ...], "limits": {...}}
+    GET    /adapters         -> 200 {"adapters": [{"name", "src", "rank", "resident", "pinned", "bytes",
+                             "in_flight", "own_processor"}, ...], "limits": {...}}
     POST   /invocations      X-Amzn-SageMaker-Adapter-Identifier: charts (or X-Amzn-SageMaker-Adapter-Alias), or
                              "adapter": "charts" in the body (per instance in {"instances": [...]}); none: the base
 
