@@ -65,6 +65,7 @@ def logits_difference(model: Any, processor: Any, adapter_dir: Path) -> float:
             tuned = tuned_model(**inputs).logits.float()
     finally:
         tuned_model.unload()  # the base again: the merge and the report use it
+        model.__dict__.pop("peft_config", None)  # unload leaves it behind; PEFT would take the base for a PEFT model
     return float((tuned - base).abs().max())
 
 
