@@ -5,6 +5,7 @@
     llava-sm deploy  --config endpoint.yaml [--dry-run]
     llava-sm predict chart.png "What is the highest value?" [--url URL | --endpoint-name NAME]
     llava-sm delete  --endpoint-name NAME
+    llava-sm adapter add|remove|list ...      (LoRA adapters as inference components; docs/adapters.md)
     llava-sm data synth data/charts [-n 1000] [--tables my.csv]      (synthetic chart-QA data)
     llava-sm eval    --data data/charts/validation/dataset.json (--model-dir DIR | --url URL | --endpoint-name NAME)
 
@@ -29,6 +30,7 @@ COMMAND_MODULES = (
     "client.delete",
     "client.data_command",
     "client.evaluate",
+    "client.adapter_command",
 )
 
 

@@ -18,7 +18,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-COMMAND_SECTIONS = ("train", "package", "deploy", "predict", "delete", "eval", "data")
+COMMAND_SECTIONS = ("train", "package", "deploy", "predict", "delete", "eval", "data", "adapter")
 
 INSTANCE_TYPE = re.compile(r"^ml\.[a-z0-9][a-z0-9-]*\.[a-z0-9]+$")
 ROLE_ARN = re.compile(r"^arn:aws[a-z\-]*:iam::\d{12}:role/?[a-zA-Z_0-9+=,.@\-_/]+$")
