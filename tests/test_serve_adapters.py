@@ -439,3 +439,85 @@ def test_unregister_gives_up_on_an_adapter_that_stays_busy(tiny_loaded, trained_
     released.start()
     predictor.adapters.unregister("one", timeout_s=5)
     assert predictor.adapters.list() == []
+
+
+# ---- with the compiled decode path (SERVE_ACCEL): base rows keep it, adapter rows run eager ----
+
+
+def mixed_batch_checks(loaded, accel, trained_adapters):
+    """Register both adapters on a predictor with `accel`; every row of a mixed batch answers as it does alone, and
+    the base rows ran on the compiled path (a batch of exactly the base rows was generated there)."""
+    from serve.engine.adapter_files import SourcePolicy
+    from serve.engine.adapters import AdapterLimits
+    from serve.engine.images import decode_image
+    from serve.engine.predictor import Predictor
+    from serve.engine.types import GenerationRequest
+
+    predictor = Predictor(loaded, accel=accel, adapters=AdapterLimits(
+        sources=SourcePolicy(local_roots=(trained_adapters["root"],))))
+    assert predictor.accel.enabled
+    for name in ("one", "two"):  # the adapter tree is built after the warm-up compiled the served model
+        predictor.adapters.register(name, str(trained_adapters[name]))
+    image = decode_image(png_bytes((48, 40), (40, 160, 90)), 10**6, shrink_for=predictor.image_processor)
+
+    def row(adapter):
+        return GenerationRequest(image=image, question=QUESTION, temperature=0, max_new_tokens=8, adapter=adapter)
+
+    alone = {a: predictor.predict([row(a)])[0].answer for a in (None, "one", "two")}
+    compiled_rows = []  # the batch sizes the compiled path generates (observed, passed through unchanged)
+    generate = predictor.accel.generate
+    predictor.accel.generate = lambda model, batch, **kw: (compiled_rows.append(len(batch["input_ids"])),
+                                                           generate(model, batch, **kw))[1]
+    mixed = ["one", None, "two", None, "one"]
+    assert [r.answer for r in predictor.predict([row(a) for a in mixed])] == [alone[a] for a in mixed]
+    assert compiled_rows == [2]  # the two base rows, on the served model's compiled path; the rest on the tree
+    return alone
+
+
+def test_with_compiled_decode_base_rows_stay_compiled_and_every_row_answers_as_alone(tiny_artifact,
+                                                                                     trained_adapters):
+    from serve.engine.accel import AccelConfig
+    from serve.engine.model import load_artifact
+
+    compiled_on_cpu = AccelConfig(mode="on", compile_backend="eager", compile_mode=None, compile_on_cpu=True,
+                                  batch_buckets=(1, 2, 4))
+    mixed_batch_checks(load_artifact(tiny_artifact, device="cpu"), compiled_on_cpu, trained_adapters)
+
+
+@pytest.mark.gpu
+def test_nf4_on_cuda_with_compiled_decode_serves_mixed_adapter_batches(tiny_artifact, trained_adapters):
+    from serve.engine.accel import AccelConfig
+    from serve.engine.model import load_artifact
+
+    loaded = load_artifact(tiny_artifact)  # NF4 on CUDA
+    assert loaded.quantization == "nf4" and loaded.device.startswith("cuda")
+    alone = mixed_batch_checks(loaded, AccelConfig(batch_buckets=(1, 2, 4)), trained_adapters)
+    assert len(set(alone.values())) >= 2  # the adapters change the NF4 model's answers too
+
+
+# ---- an adapter's own processor ----
+
+
+def test_an_adapter_with_its_own_chat_template_is_prompted_with_it(tiny_loaded, trained_adapters, tmp_path):
+    from train.templates import chat_template
+
+    own = copy_adapter(trained_adapters["one"], tmp_path / "own-template")
+    (own / "chat_template.jinja").write_text(chat_template("llava_llama_2"))  # trained with another --version
+    predictor = make_predictor(tiny_loaded, tmp_path)
+    described = predictor.adapters.register("own", str(own))
+    predictor.adapters.register("one", str(copy_adapter(trained_adapters["one"], tmp_path / "one")))
+    assert described["own_processor"] and not {a["name"]: a for a in predictor.adapters.list()}["one"]["own_processor"]
+    encoded = {name: predictor.adapters.encoder(name).render_prompt(QUESTION) for name in ("own", "one")}
+    assert encoded["one"] == predictor.encoder.render_prompt(QUESTION) != encoded["own"]
+    assert "[INST]" in encoded["own"]  # llava_llama_2's template
+
+
+def test_an_adapter_with_another_tokenizer_is_refused(tiny_loaded, trained_adapters, tmp_path):
+    from train.tiny import build_tiny_model_and_processor
+
+    folder = copy_adapter(trained_adapters["one"], tmp_path / "other-tokenizer")
+    _, processor = build_tiny_model_and_processor("test", corpus=["zebra quokka narwhal axolotl " * 20])
+    processor.save_pretrained(folder)
+    with pytest.raises(ApiError) as refused:
+        make_predictor(tiny_loaded, tmp_path).adapters.register("other", str(folder))
+    assert refused.value.code == "adapter_mismatch" and "tokenizer" in refused.value.message
