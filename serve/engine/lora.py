@@ -8,7 +8,8 @@ The served model is never modified: adapters live on a second module tree that s
 copy whose memo maps each tensor, and each bitsandbytes quantisation state, to itself), so base-only batches keep
 the compiled decode path and their exact answers while adapters come and go. PEFT injects each adapter's LoRA
 layers into that tree under an internal key, and mixes adapters within one batch through `adapter_names=` (the
-base GEMM runs once for the batch, each adapter's LoRA product on its own rows; NF4 layers included).
+base GEMM runs once for the batch, each adapter's LoRA product on its own rows; NF4 layers included). A batch whose
+rows all use one adapter takes PEFT's plain path with that adapter active instead: no per-row gather and scatter.
 
 PEFT does not route `modules_to_save` per row for LLaVA: its mixed-batch path accepts only Linear/Embedding/Conv
 modules, and the projector runs on image features, not on rows. So each adapter's fully trained projector is a
@@ -48,6 +49,7 @@ class LoraTree:
         self.sizes: dict[str, int] = {}  # key -> bytes of its LoRA matrices and projector copy
         self._peft: Any = None
         self._router: Any = None
+        self._active: str | None = None  # PEFT's active adapter, as last set here
 
     # ------------------------------------------------------------------ adapters
     def add(self, key: str, files: AdapterFiles) -> int:
@@ -91,6 +93,9 @@ class LoraTree:
                 raise RuntimeError(f"generate with adapters {sorted(set(map(str, keys)))}; resident: {self.keys}")
             self._router.assignment = _per_image(batch, keys)
             try:
+                if len(set(keys)) == 1 and keys[0] is not None:  # one adapter: PEFT's plain path, no per-row split
+                    self._activate(keys[0])
+                    return self._peft.generate(**batch, **kwargs)
                 return self._peft.generate(**batch, adapter_names=[k or BASE for k in keys], **kwargs)
             finally:
                 self._router.assignment = None
@@ -106,7 +111,7 @@ class LoraTree:
             self._peft = PeftModel(tree, config, adapter_name=key, autocast_adapter_dtype=False)
         else:
             self._peft.add_adapter(key, config)
-        self._peft.set_adapter(key)  # PEFT renames loaded weights through the active adapter's config
+        self._activate(key)  # PEFT renames loaded weights through the active adapter's config
         result = set_peft_model_state_dict(self._peft, files.lora, adapter_name=key)
         if result.unexpected_keys:
             raise ApiError("invalid_adapter", f"{len(result.unexpected_keys)} LoRA weight(s) match no module of the "
@@ -121,6 +126,12 @@ class LoraTree:
             param.requires_grad_(False)
         self._peft.eval()
 
+    def _activate(self, key: str) -> None:
+        """Make `key` PEFT's active adapter (a walk over every module: only when it changes)."""
+        if self._active != key or self._peft.active_adapter != key:
+            self._peft.set_adapter(key, inference_mode=True)
+            self._active = key
+
     def _lora_params(self, key: str) -> list[Any]:
         return [p for n, p in self._peft.named_parameters() if f".{key}." in n and ".lora_" in n]
 
@@ -133,7 +144,7 @@ class LoraTree:
         if self._peft is None:
             return
         if fresh:  # the tree was made for this adapter: drop it whole
-            self._peft = self._router = None
+            self._peft = self._router = self._active = None
             return
         if key in self._peft.peft_config:
             self._delete(key)
@@ -143,7 +154,7 @@ class LoraTree:
         (if any) is made active first."""
         others = [k for k in self._peft.peft_config if k != key]
         if others:
-            self._peft.set_adapter(others[0])
+            self._activate(others[0])
         self._peft.delete_adapter(key)
         _drop(self._router.trained, key)
 
