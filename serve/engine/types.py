@@ -49,6 +49,9 @@ class PredictorLike(Protocol):
     def image_processor(self) -> Any:
         """The processor images are pre-shrunk for on the request threads (serve.engine.preshrink)."""
 
+    def image_processor_for(self, adapter: str | None) -> Any:
+        """The processor images of requests on a LoRA adapter are pre-shrunk for (its own, if it saved one)."""
+
     def prepare(self, request: GenerationRequest) -> None:
         """Encode the request (prompt, tokens, pixels) on the calling thread."""
 
