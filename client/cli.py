@@ -29,6 +29,7 @@ On SageMaker (AWS credentials; boto3 only):
   deploy       create an endpoint for a packaged model
   predict      ask a question about an image (an endpoint, or a server with --url)
   delete       delete an endpoint, its config and its model
+  adapter      add, remove or list LoRA adapters as inference components of an endpoint
 
 Example, all locally:
   llava-sm data synth data/charts -n 200
@@ -49,6 +50,7 @@ COMMAND_MODULES = (
     "client.deploy",
     "client.predict_command",
     "client.delete",
+    "client.adapter_command",
 )
 # Words a user may reach for that would mean two things: unlisted, and refused with both meanings named.
 NOT_A_COMMAND = {

@@ -20,7 +20,7 @@ from core.settings import ConfigError as ConfigError  # re-exported: `llava-sm` 
 from core.settings import Problem
 
 option = settings.setting  # an option is a core.settings field: option(default, help, *, flag=, required=, ...)
-COMMAND_SECTIONS = ("submit", "package", "deploy", "predict", "delete", "eval", "data")
+COMMAND_SECTIONS = ("submit", "package", "deploy", "predict", "delete", "eval", "data", "adapter")
 
 INSTANCE_TYPE = re.compile(r"^ml\.[a-z0-9][a-z0-9-]*\.[a-z0-9]+$")
 ROLE_ARN = re.compile(r"^arn:aws[a-z\-]*:iam::\d{12}:role/?[a-zA-Z_0-9+=,.@\-_/]+$")

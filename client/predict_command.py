@@ -4,6 +4,7 @@
     llava-sm predict s3://b/c.png "Which bar is tallest?" --endpoint-name chart-qa --json
     llava-sm predict chart.png "Describe the trend." --stream                      # print it as it is generated
     llava-sm predict chart.png "Title and chart type?" --json-schema chart.schema.json   # a JSON answer
+    llava-sm predict chart.png "What is the title?" --endpoint-name chart-qa --inference-component charts-v2
 
 Prints the answer (or, with --json, the full reply with token usage and latency). A server error prints its code
 and message and exits 1; so does a --json-schema answer that ran out of tokens before its JSON was complete.
@@ -25,6 +26,8 @@ from client.options import option
 class PredictOptions:
     url: str | None = option(help="server base URL (default: http://localhost:8080 unless --endpoint-name)")
     endpoint_name: str | None = option(help="SageMaker endpoint to invoke instead of a URL")
+    inference_component: str | None = option(help="the endpoint's inference component to ask (a LoRA adapter's)")
+    adapter: str | None = option(help="a LoRA adapter loaded on the server itself (its name)")
     temperature: float | None = option(help="sampling temperature (0 = greedy; default: the model's)")
     top_p: float | None = option(help="nucleus sampling mass (0-1]")
     max_new_tokens: int | None = option(help="answer length cap in tokens")
@@ -39,7 +42,10 @@ class PredictOptions:
     def problems(self) -> list[str]:
         p = ["give --url or --endpoint-name, not both"] if self.url and self.endpoint_name else []
         p += o.check_url("url", self.url)
-        p += o.check_name("endpoint_name", self.endpoint_name)
+        p += o.check_name("endpoint_name", self.endpoint_name) + o.check_name("inference_component",
+                                                                             self.inference_component)
+        if self.inference_component and not self.endpoint_name:
+            p.append("--inference-component needs --endpoint-name (a server of your own takes --adapter)")
         p += o.check_range("temperature", self.temperature, 0)
         p += o.check_range("top_p", self.top_p, 1e-9, 1)
         p += o.check_range("max_new_tokens", self.max_new_tokens, 1)
@@ -85,8 +91,8 @@ def run(args: argparse.Namespace) -> int:
     schema = read_schema(opts.json_schema) if opts.json_schema else None
     kwargs = dict(url=opts.url, endpoint_name=opts.endpoint_name, temperature=opts.temperature, top_p=opts.top_p,
                   max_new_tokens=opts.max_new_tokens, stop=opts.stop or None, json_schema=schema,
-                  timeout=opts.timeout, retries=opts.retries, region=opts.region, profile=opts.profile,
-                  endpoint_url=opts.endpoint_url)
+                  adapter=opts.adapter, inference_component=opts.inference_component, timeout=opts.timeout,
+                  retries=opts.retries, region=opts.region, profile=opts.profile, endpoint_url=opts.endpoint_url)
     try:
         result = (print_stream(args.image, args.question, kwargs) if args.stream
                   else predict_full(args.image, args.question, **kwargs))

@@ -30,24 +30,28 @@ class Answerer:
         return self._answer(questions, use_blank)
 
 
-def engine_answerer(predictor: Any, *, max_new_tokens: int, batch_size: int = 16) -> Answerer:
-    """Batched greedy answers from a serve.engine Predictor (a loaded artifact, or a model in memory)."""
+def engine_answerer(predictor: Any, *, max_new_tokens: int, batch_size: int = 16,
+                    adapter: str | None = None) -> Answerer:
+    """Batched greedy answers from a serve.engine Predictor (a loaded artifact, or a model in memory); with
+    `adapter`, from that LoRA adapter registered on it."""
     from serve.engine.errors import ApiError
     from serve.engine.images import decode_image
     from serve.engine.types import GenerationRequest
 
     no_limit = 1 << 30  # local files are trusted; the server's pixel cap is for callers
-    blank = decode_image(blank_png(), no_limit, shrink_for=predictor.image_processor)
+    shrink_for = predictor.image_processor if adapter is None else predictor.image_processor_for(adapter)
+    blank = decode_image(blank_png(), no_limit, shrink_for=shrink_for)
 
     def image(q: dict) -> Any:
         try:
-            return decode_image(Path(q["image"]).read_bytes(), no_limit, shrink_for=predictor.image_processor)
+            return decode_image(Path(q["image"]).read_bytes(), no_limit, shrink_for=shrink_for)
         except (OSError, ApiError) as e:
             raise ValueError(f"{q['id']}: cannot read image {q['image']}: {e}") from None
 
     def answer(items: list[dict], use_blank: bool) -> list[str]:
         requests = [GenerationRequest(image=blank if use_blank else image(q), question=q["question"],
-                                      temperature=0.0, max_new_tokens=max_new_tokens) for q in items]
+                                      temperature=0.0, max_new_tokens=max_new_tokens, adapter=adapter)
+                    for q in items]
         answers = []
         for q, result in zip(items, predictor.predict(requests), strict=True):
             if isinstance(result, ApiError):

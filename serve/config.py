@@ -20,6 +20,8 @@ from core.s3 import bucket_name_problem
 from core.settings import ConfigError as ConfigError  # re-exported: `python -m serve` catches it from here
 from core.settings import Problem, setting
 from serve.engine.accel import AccelConfig, buckets_up_to
+from serve.engine.adapter_files import SourcePolicy
+from serve.engine.adapters import AdapterLimits
 from serve.engine.model import QUANTIZATIONS
 
 MiB = 1024 * 1024
@@ -67,6 +69,16 @@ def _networks(raw: str) -> tuple[Network, ...]:
     if bad:
         raise ValueError(f"not IP addresses or CIDR networks: {', '.join(bad)}")
     return tuple(nets)
+
+
+def _paths(raw: str) -> tuple[Path, ...]:
+    paths = tuple(Path(x.strip()) for x in raw.split(",") if x.strip())
+    relative = [str(p) for p in paths if not p.is_absolute()]
+    if relative:
+        raise ValueError(f"not absolute paths: {', '.join(relative)}")
+    if not paths:
+        raise ValueError("needs absolute folder paths, comma-separated")
+    return paths
 
 
 def _s3_buckets(raw: str) -> tuple[str, ...] | None:
@@ -127,6 +139,18 @@ class ServeConfig:
     accel_cache_bucket: int = setting(_ACCEL.cache_bucket, env="SERVE_ACCEL_CACHE_BUCKET", ge=1)
     accel_cache_gib: float | None = setting(_ACCEL.cache_gib, "None: 30% of the GPU's memory",
                                             env="SERVE_ACCEL_CACHE_GIB", gt=0)
+    # LoRA adapters on the served model (serve/engine/adapters.py, docs/adapters.md)
+    max_adapters: int = setting(8, "resident at once (least recently used unpinned ones are evicted); 0: no adapters",
+                                env="SERVE_MAX_ADAPTERS", ge=0, le=1024)
+    max_adapter_rank: int = setting(64, "the largest LoRA rank accepted", env="SERVE_MAX_ADAPTER_RANK", ge=1, le=4096)
+    adapter_memory_mb: int = setting(4096, "weights of all resident adapters together", env="SERVE_ADAPTER_MEMORY_MB",
+                                     ge=1)
+    adapter_roots: tuple[Path, ...] = setting((), "local folders adapters may come from; unset: the model dir and "
+                                                  "/opt/ml", env="SERVE_ADAPTER_ROOTS", parse=_paths)
+    adapter_s3_buckets: tuple[str, ...] | None = setting(None, "buckets s3:// adapters may come from; None: any",
+                                                         env="SERVE_ADAPTER_S3_BUCKETS", parse=_s3_buckets)
+    adapter_cache_dir: Path = setting(Path("/tmp/llava-adapters"), "where downloaded and unpacked adapters are kept",
+                                      env="SERVE_ADAPTER_CACHE_DIR")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ServeConfig:
@@ -143,6 +167,16 @@ class ServeConfig:
         at most SERVE_MAX_BATCH_SIZE rows can use (the others would only lengthen the start-up's warm-up)."""
         return AccelConfig(mode=self.accel_mode, cache_bucket=self.accel_cache_bucket, cache_gib=self.accel_cache_gib,
                            batch_buckets=buckets_up_to(self.max_batch_size, self.accel_batch_buckets))
+
+    def adapter_limits(self) -> AdapterLimits | None:
+        """The `serve.engine.adapters.AdapterLimits` these settings describe; None when adapters are off."""
+        if self.max_adapters == 0:
+            return None
+        roots = self.adapter_roots or (Path(self.model_dir), Path("/opt/ml"))
+        return AdapterLimits(max_resident=self.max_adapters, max_rank=self.max_adapter_rank,
+                             memory_bytes=self.adapter_memory_mb * MiB,
+                             sources=SourcePolicy(local_roots=tuple(roots), s3_buckets=self.adapter_s3_buckets,
+                                                  cache_dir=self.adapter_cache_dir))
 
     @property
     def served_model_name(self) -> str:

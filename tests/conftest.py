@@ -14,7 +14,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # The server tests' fixtures (tiny_loaded, tiny_predictor) and helpers, registered here so pytest rewrites its asserts.
-pytest_plugins = ["serve_support"]
+pytest_plugins = ["serve_support", "adapter_support"]
 
 
 def _has_cuda() -> bool:

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from bench import constrained, gpu, load, metrics_cost, model7b, preprocess, run_cpu
+from bench import adapters, constrained, gpu, load, metrics_cost, model7b, preprocess, run_cpu
 from bench.report import markdown_table, percentile
 
 
@@ -49,6 +49,18 @@ def test_load_counts_errors_from_a_dead_server():
     summary = result.summary()
     assert summary["requests"] == 3 and summary["ok"] == 0 and summary["errors"] == 3
     assert summary["req_per_s"] == 0 and summary["ping_failures"] >= 0
+
+
+def test_adapters_bench_sends_the_same_traffic_to_the_base_and_to_adapters(tmp_path):
+    assert adapters.main(["--tiny", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "adapters.json").read_text())
+    [run] = data["rounds"]
+    assert set(run) == {"base", "one adapter", "4 adapters"}
+    assert all(r["ok"] == 8 and r["errors"] == 0 for rows in run.values() for r in rows)
+    assert [r["concurrency"] for r in data["summary"]] == [1, 4]
+    assert all(row["4 adapters / base"] > 0 and row["base req/s"] > 0 for row in data["summary"])
+    bodies = [json.loads(b) for b in adapters.bodies(adapters.ADAPTERS, 2, images=2)]
+    assert [b.get("adapter") for b in bodies] == list(adapters.ADAPTERS)  # request i on adapter i mod 4
 
 
 def test_run_cpu_sweeps_sequential_and_batched_servers(tiny_artifact, tmp_path):

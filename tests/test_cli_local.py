@@ -22,7 +22,7 @@ from client.cli import build_parser, main
 from demo.pipeline import free_port
 
 LOCAL = ("data synth", "finetune", "merge", "serve", "eval", "demo")
-AWS = ("submit", "package", "deploy", "predict", "delete")
+AWS = ("submit", "package", "deploy", "predict", "delete", "adapter")
 
 
 def llava_sm(*args: str, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:

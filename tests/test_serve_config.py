@@ -40,7 +40,9 @@ def test_every_variable_is_read():
            "SERVE_GRACEFUL_TIMEOUT_S": "7", "SERVE_TORCH_THREADS": "1", "SERVE_LOG_LEVEL": "debug",
            "SERVE_PREPARE_THREADS": "3", "SERVE_S3_BUCKETS": "serve-images, my.other-bucket",
            "SERVE_ACCEL": "off", "SERVE_ACCEL_BATCH_BUCKETS": "8, 1,4", "SERVE_ACCEL_CACHE_BUCKET": "128",
-           "SERVE_ACCEL_CACHE_GIB": "2.5", "SERVE_MODEL_NAME": "chart-llava"}
+           "SERVE_ACCEL_CACHE_GIB": "2.5", "SERVE_MODEL_NAME": "chart-llava", "SERVE_MAX_ADAPTERS": "3",
+           "SERVE_MAX_ADAPTER_RANK": "16", "SERVE_ADAPTER_MEMORY_MB": "512", "SERVE_ADAPTER_ROOTS": "/a, /b",
+           "SERVE_ADAPTER_S3_BUCKETS": "lora-bucket", "SERVE_ADAPTER_CACHE_DIR": "/c"}
     assert set(env) == set(ENV_VARS.values())
     cfg = ServeConfig.from_env(env)
     assert (cfg.model_dir, cfg.host, cfg.port, cfg.quantization, cfg.device) == (Path("/m"), "127.0.0.1", 9000,
@@ -57,6 +59,12 @@ def test_every_variable_is_read():
     # SERVE_ACCEL_BATCH_BUCKETS=1,4,8 with SERVE_MAX_BATCH_SIZE=4: no batch can use 8, so it is not compiled
     assert (accel.mode, accel.batch_buckets, accel.cache_bucket, accel.cache_gib) == ("off", (1, 4), 128, 2.5)
     assert ServeConfig.from_env({}).accel_config() == AccelConfig(batch_buckets=(1, 2, 4, 8))  # max batch 8
+    limits = cfg.adapter_limits()
+    assert (limits.max_resident, limits.max_rank, limits.memory_bytes) == (3, 16, 512 * 1024 * 1024)
+    assert limits.sources.local_roots == (Path("/a"), Path("/b")) and limits.sources.s3_buckets == ("lora-bucket",)
+    assert limits.sources.cache_dir == Path("/c")
+    assert ServeConfig.from_env({}).adapter_limits().sources.local_roots == (Path("/opt/ml/model"), Path("/opt/ml"))
+    assert ServeConfig.from_env({"SERVE_MAX_ADAPTERS": "0"}).adapter_limits() is None  # adapters off
 
 
 def test_only_the_batch_buckets_a_batch_can_reach_are_compiled():
@@ -74,7 +82,8 @@ def test_every_bad_value_is_reported_at_once_naming_its_variable():
            "SERVE_REQUEST_TIMEOUT_S": "nan", "SERVE_FETCH_ALLOW_NETWORKS": "10.0.0.0/8,not-a-net",
            "SERVE_DEVICE": "tpu", "SERVE_LOG_LEVEL": "loud", "SERVE_MAX_WAIT_MS": "-1", "SERVE_ACCEL": "fast",
            "SERVE_ACCEL_BATCH_BUCKETS": "1,x", "SERVE_ACCEL_CACHE_BUCKET": "0", "SERVE_ACCEL_CACHE_GIB": "inf",
-           "SERVE_PREPARE_THREADS": "-1", "SERVE_S3_BUCKETS": "ok-bucket,Not_A_Bucket"}
+           "SERVE_PREPARE_THREADS": "-1", "SERVE_S3_BUCKETS": "ok-bucket,Not_A_Bucket",
+           "SERVE_ADAPTER_ROOTS": "relative/dir", "SERVE_MAX_ADAPTERS": "-1"}
     with pytest.raises(ConfigError) as info:
         ServeConfig.from_env(env)
     problems = info.value.problems

@@ -39,6 +39,7 @@ SCHEDULER_KWARGS_NEEDED = {"cosine_with_min_lr": '{"min_lr_rate": 0.1}',
                            "warmup_stable_decay": '{"num_decay_steps": 100}'}
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 MERGE_DTYPES = ("auto", "bfloat16", "float16", "float32")
+EXPORTS = ("merged", "adapter", "both")  # --export: train/export.py
 
 
 @dataclass
@@ -117,6 +118,9 @@ class TrainConfig:
     eval_max_new_tokens: int = setting(32, "tokens generated per validation answer", ge=1)
     merge_dtype: str = setting("auto", "dtype of the merged weights: auto (bf16/fp16 as trained, fp32 on CPU), "
                                        "bfloat16, float16, float32", choices=MERGE_DTYPES)
+    export: str = setting("merged", "what the job writes: merged (the merged model), adapter (the LoRA adapter and "
+                                    "projector as a PEFT folder + adapter.tar.gz, for adapter inference components; "
+                                    "docs/adapters.md) or both", choices=EXPORTS)
     log_sample_ids: bool = setting(False, "log the example ids of every batch on every rank (debugging data "
                                           "sharding)")
 
@@ -147,6 +151,8 @@ class TrainConfig:
             p.append("set --num_train_epochs > 0 or --max_steps > 0")
         if self.bits < 16 and preset_stage(self.deepspeed) == 3:
             p.append(qlora_zero3_problem(self.bits))
+        if self.export != "merged" and not self.lora_enable:
+            p.append(f"--export {self.export} needs --lora_enable True: a full fine-tune has no adapter to export")
         return p
 
 

@@ -15,6 +15,11 @@ other rows of its batch are untouched, and the row finishes ("stop") as soon as 
 Prompts render with the chat template from the model dir (serve.engine.encoding) and pad on the left.
 Each row's first token and every later decode step are reported to `stats` (serve.engine.stats), from the times
 the stopping criterion already takes: no extra device read.
+
+With `adapters=AdapterLimits(...)` rows may name a LoRA adapter (`GenerationRequest.adapter`, serve/engine/adapters.py):
+rows of different adapters and of the base share one generate call on the adapter tree (eager), each answering as its
+adapter alone would. When the compiled decode path is on, the base rows of a mixed batch run on it in a call of their
+own, so a base answer never depends on what else was batched.
 """
 
 from __future__ import annotations
@@ -23,10 +28,12 @@ import copy
 import logging
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from serve.engine.accel import AccelConfig, Accelerator
+from serve.engine.adapters import AdapterLimits, AdapterRegistry
 from serve.engine.constrained import GrammarLogits, GrammarState, JsonGrammar, JsonGrammars
 from serve.engine.encoding import Encoder
 from serve.engine.errors import ApiError, internal_error
@@ -53,6 +60,7 @@ class _Row:
     stop: tuple[str, ...]
     seed: int | None = None
     grammar: JsonGrammar | None = None  # the request's compiled json_schema
+    adapter: str | None = None
 
 
 class Predictor:
@@ -60,13 +68,14 @@ class Predictor:
     `prepare`."""
 
     def __init__(self, loaded: LoadedModel, *, max_new_tokens_cap: int = 1024, accel: AccelConfig | None = None,
-                 stats: Stats = NO_STATS):
+                 stats: Stats = NO_STATS, adapters: AdapterLimits | None = None):
         self.loaded = loaded
         self.stats = stats
         # Static cache + compiled decode on CUDA (serve/engine/accel.py); SERVE_ACCEL=off keeps plain eager generate.
         self.accel = Accelerator(loaded.model, accel or AccelConfig(), device=loaded.device)
         self.encoder = Encoder(loaded.processor)
         self.grammars = JsonGrammars(loaded.processor.tokenizer, loaded.eos_token_ids)  # json_schema, compiled
+        self.adapters = AdapterRegistry(loaded, adapters, base_encoder=self.encoder) if adapters else None
         gen = loaded.generation_config
         self.max_new_tokens_cap = max_new_tokens_cap
         self.default_max_new_tokens = min(gen.max_new_tokens or 128, max_new_tokens_cap)
@@ -114,14 +123,20 @@ class Predictor:
             except ApiError as e:
                 deliver(i, e)
         if rows:
-            with torch.inference_mode():
-                self._generate(rows, requests, deliver)
+            # Leased (adapters loaded if need be) before inference mode: weights loaded here outlive this call.
+            with self._adapters_leased(rows, deliver) as rows, torch.inference_mode():
+                if rows:
+                    self._generate(rows, requests, deliver)
         return [r if r is not None else ApiError("internal_error", "no result") for r in results]
 
     @property
     def image_processor(self) -> Any:
         """What serve.engine.images shrinks images for, on the request threads (serve.engine.preshrink)."""
         return self.loaded.processor.image_processor
+
+    def image_processor_for(self, adapter: str | None) -> Any:
+        """The image processor of requests on `adapter` (its own when it saved a different one)."""
+        return self.image_processor if adapter is None else self._registry().encoder(adapter).processor.image_processor
 
     # ------------------------------------------------------------------ preparation
     def prepare(self, req: GenerationRequest) -> None:
@@ -138,10 +153,11 @@ class Predictor:
         return self.grammars.compile(req.json_schema)
 
     def _encode(self, req: GenerationRequest) -> dict[str, Any]:
+        encoder = self.encoder if req.adapter is None else self._registry().encoder(req.adapter)
         if req.messages is not None:
-            inputs = self.encoder.encode_messages(req.messages, req.image)
+            inputs = encoder.encode_messages(req.messages, req.image)
         else:
-            inputs = self.encoder.encode(req.question, req.image)
+            inputs = encoder.encode(req.question, req.image)
         prompt_tokens = int(inputs["input_ids"].shape[1])
         context = self.loaded.max_positions
         if context is not None and prompt_tokens >= context:
@@ -164,7 +180,31 @@ class Predictor:
         temperature = self.default_temperature if req.temperature is None else float(req.temperature)
         top_p = self.default_top_p if req.top_p is None else float(req.top_p)
         return _Row(index, inputs, prompt_tokens, temperature, top_p, max_new, tuple(s for s in req.stop if s),
-                    req.seed, grammar)
+                    req.seed, grammar, req.adapter)
+
+    def _registry(self) -> AdapterRegistry:
+        if self.adapters is None:
+            raise ApiError("adapter_not_found", "this server serves no adapters (SERVE_MAX_ADAPTERS=0)")
+        return self.adapters
+
+    @contextmanager
+    def _adapters_leased(self, rows: list[_Row], deliver: OnResult):
+        """The rows whose adapters are resident and leased for this call; rows of an adapter that cannot be loaded
+        now fail alone."""
+        leases, failed = [], {}
+        for name in dict.fromkeys(r.adapter for r in rows if r.adapter is not None):
+            try:
+                leases.append(self._registry().checkout([name], retiring_ok=True))  # accepted before an unload
+            except ApiError as e:
+                failed[name] = e
+        try:
+            for r in rows:
+                if r.adapter in failed:
+                    deliver(r.index, failed[r.adapter])
+            yield [r for r in rows if r.adapter not in failed]
+        finally:
+            for lease in leases:
+                lease.release()
 
     def _collate(self, rows: list[_Row]) -> dict[str, Any]:
         """Left-pad the token sequences, concatenate the per-image tensors."""
@@ -187,9 +227,10 @@ class Predictor:
     def _generate(self, rows: list[_Row], requests: Sequence[GenerationRequest], deliver: OnResult) -> None:
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
-        groups: dict[frozenset, list[_Row]] = {}
+        groups: dict[tuple, list[_Row]] = {}
+        split_base = self.accel.enabled and any(r.adapter is not None for r in rows)  # base rows stay compiled
         for r in rows:  # rows with and without an image have different processor outputs: one call per kind
-            groups.setdefault(frozenset(r.inputs), []).append(r)
+            groups.setdefault((frozenset(r.inputs), split_base and r.adapter is None), []).append(r)
         if len(groups) > 1:
             for group in groups.values():
                 self._generate(group, requests, deliver)
@@ -202,8 +243,13 @@ class Predictor:
         gen = self._generation_config(max(r.max_new_tokens for r in rows), sample)
         processors = LogitsProcessorList(([GrammarLogits(grammars)] if any(grammars) else [])
                                          + ([_PerRowSampling(rows)] if sample else []))
-        out = self.accel.generate(self.loaded.model, batch, generation_config=gen, logits_processor=processors,
-                                  stopping_criteria=StoppingCriteriaList([tracker]))
+        stopping = StoppingCriteriaList([tracker])
+        if any(r.adapter is not None for r in rows):  # eager, on the adapter tree (serve/engine/lora.py)
+            out = self._registry().generate(batch, [r.adapter for r in rows], generation_config=gen,
+                                            logits_processor=processors, stopping_criteria=stopping)
+        else:
+            out = self.accel.generate(self.loaded.model, batch, generation_config=gen, logits_processor=processors,
+                                      stopping_criteria=stopping)
         tracker.finish_remaining(out)
 
     def _generation_config(self, max_new_tokens: int, sample: bool):

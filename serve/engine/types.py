@@ -32,6 +32,7 @@ class GenerationRequest:
     # A JSON Schema the answer must follow (serve.engine.constrained; {"type": "object"}: any JSON object), or None.
     json_schema: dict[str, Any] | None = None
     deadline: float | None = None  # time.monotonic() by which the answer is due
+    adapter: str | None = None  # a LoRA adapter's name (serve/engine/adapters.py); None: the base model
     cancelled: bool = field(default=False, compare=False)  # set when the caller gave up; the row stops
     inputs: dict | None = field(default=None, compare=False, repr=False)  # Predictor.prepare's processor outputs
     grammar: Any = field(default=None, compare=False, repr=False)  # Predictor.prepare's compiled json_schema
@@ -61,6 +62,9 @@ class PredictorLike(Protocol):
     @property
     def image_processor(self) -> Any:
         """The processor images are pre-shrunk for on the request threads (serve.engine.preshrink)."""
+
+    def image_processor_for(self, adapter: str | None) -> Any:
+        """The processor images of requests on a LoRA adapter are pre-shrunk for (its own, if it saved one)."""
 
     def prepare(self, request: GenerationRequest) -> None:
         """Encode the request (prompt, tokens, pixels) on the calling thread."""

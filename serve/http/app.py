@@ -3,10 +3,10 @@
 The model loads on a background thread after the socket is listening (SageMaker wants the socket within 250 ms and
 /ping within 2 s); until then, and after a failed load, the routes answer 503 `not_ready`. The routes live in their
 protocol's module (serve/http/sagemaker.py: /ping, /invocations, /execution-parameters; serve/http/openai.py:
-/v1/chat/completions, /v1/models). Every error has the
-envelope of serve/http/envelope.py; each request logs one line (id, method, path, status, latency; never payload
-content) and returns its id in `X-Request-Id` (serve/http/requests.py). `GET /metrics` serves Prometheus metrics
-(serve/http/metrics.py), fed by the engine's stats hooks.
+/v1/chat/completions, /v1/models; serve/http/adapters.py: /adapters, loaded at start-up from `<model dir>/adapters/`).
+Every error has the envelope of serve/http/envelope.py; each request logs one line (id, method, path, status,
+latency; never payload content) and returns its id in `X-Request-Id` (serve/http/requests.py). `GET /metrics` serves
+Prometheus metrics (serve/http/metrics.py), fed by the engine's stats hooks.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from serve.engine.errors import ApiError
 from serve.engine.images import ImagePolicy
 from serve.engine.stats import NO_STATS, Stats
 from serve.engine.types import PredictorLike
-from serve.http import metrics, openai, sagemaker
+from serve.http import adapters, metrics, openai, sagemaker
 from serve.http.envelope import register_error_handlers
 from serve.http.requests import RequestLogMiddleware
 
@@ -78,7 +78,8 @@ def default_predictor_factory(cfg: ServeConfig, stats: Stats = NO_STATS) -> Call
 
             torch.set_num_threads(cfg.torch_threads)
         loaded = load_artifact(cfg.model_dir, quantization=cfg.quantization, device=cfg.device)
-        return Predictor(loaded, max_new_tokens_cap=cfg.max_new_tokens, accel=cfg.accel_config(), stats=stats)
+        return Predictor(loaded, max_new_tokens_cap=cfg.max_new_tokens, accel=cfg.accel_config(), stats=stats,
+                         adapters=cfg.adapter_limits())
     return build
 
 
@@ -94,6 +95,7 @@ def create_app(cfg: ServeConfig, *, predictor_factory: Callable[[], PredictorLik
         started = time.perf_counter()
         try:
             predictor = factory()
+            adapters.load_startup_adapters(predictor, cfg.model_dir)
             freeze_startup_heap()
             state.batcher = Batcher(predictor, max_batch_size=cfg.max_batch_size, max_wait_ms=cfg.max_wait_ms,
                                     max_queue=cfg.max_queue, stats=state.metrics).start()
@@ -124,6 +126,7 @@ def create_app(cfg: ServeConfig, *, predictor_factory: Callable[[], PredictorLik
     sagemaker.add_routes(app, state)
     metrics.add_routes(app, state)
     openai.add_routes(app, state)
+    adapters.add_routes(app, state)
     return app
 
 

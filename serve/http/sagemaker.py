@@ -3,7 +3,7 @@
     GET  /ping                  200 once the model is loaded and healthy, else 503 `not_ready`; never waits on
                                 generation (it runs on the batcher's thread)
     POST /invocations           application/json: {"image", "question", "temperature", "top_p", "max_new_tokens",
-                                "stop", "stream", "json_schema"} or {"instances": [...]}; or a raw image body
+                                "stop", "stream", "json_schema", "adapter"} or {"instances": [...]}; or a raw image body
                                 (image/png, image/jpeg, image/webp, application/x-image) with the question in
                                 ?question= or in X-Amzn-SageMaker-Custom-Attributes
                                 -> {"answer", "usage": {"prompt_tokens", "completion_tokens"}, "finish_reason",
@@ -41,7 +41,7 @@ from serve.engine.errors import ApiError, internal_error
 from serve.engine.images import ImagePolicy, decode_image, image_bytes, is_remote
 from serve.engine.stats import NO_STATS, Stats
 from serve.engine.types import GenerationRequest, PredictorLike
-from serve.http import openai
+from serve.http import adapters, openai
 from serve.http.envelope import error_response
 from serve.http.requests import MiB, read_body_capped, request_id_of
 from serve.http.schema import GenerationParams, load_json, parse_invocation, parse_raw_params, reply_body
@@ -120,14 +120,22 @@ async def _invoke(state: ServerState, request: Request, started: float) -> Respo
         return await openai.answer_chat(state, batcher, body.json, request, started)
     try:
         decoded = await decode_request(state, batcher, request, body, deadline)
+        lease = await adapters.lease_adapters(state, decoded.requests, deadline)
     except BaseException:
         batcher.withdraw()
         raise
     for r in decoded.requests:  # the engine's time to first token and latency count from here
         r.arrival = started
-    if decoded.stream:
-        return await stream_answer(batcher, decoded.requests[0], deadline, started, request_id_of(request))
-    outcomes = await batcher.submit(decoded.requests, deadline, expected=True)
+    streamed = None
+    try:
+        if decoded.stream:
+            response = await stream_answer(batcher, decoded.requests[0], deadline, started, request_id_of(request))
+            streamed = adapters.release_when_sent(response, lease)
+            return streamed
+        outcomes = await batcher.submit(decoded.requests, deadline, expected=True)
+    finally:
+        if streamed is None:
+            lease.release()
     for outcome in outcomes:
         if isinstance(outcome, ApiError):
             raise outcome
@@ -180,6 +188,7 @@ async def decode_request(state: ServerState, batcher: Batcher, request: Request,
     Network fetches wait on Starlette's big thread pool; decoding and encoding hold the GIL for much of their time,
     so they run on the small prepare pool and the generation thread only generates."""
     cfg, predictor = state.cfg, batcher.predictor
+    adapter = adapters.header_adapter(request)
     if body.content_type in JSON_TYPES:
         items, is_batch = parse_invocation(body.json, max_instances=cfg.max_instances,
                                            max_new_tokens=cfg.max_new_tokens)
@@ -188,7 +197,7 @@ async def decode_request(state: ServerState, batcher: Batcher, request: Request,
         if any(is_remote(item.image) for item in items):
             images = await run_in_threadpool(_fetch_all, items, state.policy, deadline, is_batch)
         requests = await state.in_prepare_pool(_prepare_all, items, images, state.policy, deadline, is_batch,
-                                               predictor, state.metrics)
+                                               predictor, state.metrics, adapter)
         return Decoded(requests, is_batch, stream=not is_batch and items[0].stream)
     attributes = parse_qsl(request.headers.get(CUSTOM_ATTRIBUTES, ""), keep_blank_values=True)
     params = parse_raw_params(request.query_params.multi_items(), attributes, max_new_tokens=cfg.max_new_tokens)
@@ -196,7 +205,7 @@ async def decode_request(state: ServerState, batcher: Batcher, request: Request,
     if not body.data:
         raise ApiError("invalid_image", "the body is empty; send the image bytes")
     prepared = await state.in_prepare_pool(prepare_request, body.data, params, cfg.max_image_pixels, deadline,
-                                           predictor, state.metrics)
+                                           predictor, state.metrics, adapter)
     return Decoded([prepared], is_batch=False, stream=params.stream)
 
 
@@ -209,12 +218,12 @@ def _fetch_all(items: list, policy: ImagePolicy, deadline: float, is_batch: bool
 
 
 def _prepare_all(items: list, images: list[bytes] | None, policy: ImagePolicy, deadline: float, is_batch: bool,
-                 predictor: PredictorLike, stats: Stats) -> list[GenerationRequest]:
+                 predictor: PredictorLike, stats: Stats, adapter: str | None = None) -> list[GenerationRequest]:
     requests = []
     for i, item in enumerate(items):
         with _instance_errors(i, is_batch):
             data = images[i] if images is not None else image_bytes(item.image, policy, deadline=deadline)
-            requests.append(prepare_request(data, item, policy.max_pixels, deadline, predictor, stats))
+            requests.append(prepare_request(data, item, policy.max_pixels, deadline, predictor, stats, adapter))
     return requests
 
 
@@ -229,16 +238,21 @@ def _instance_errors(i: int, is_batch: bool):
 
 
 def prepare_request(image: bytes, params: GenerationParams, max_pixels: int, deadline: float,
-                    predictor: PredictorLike, stats: Stats = NO_STATS) -> GenerationRequest:
-    """Decode the image (shrunk for the model's processor), build the engine request and encode it, on this
-    thread; each step's time goes to `stats`."""
+                    predictor: PredictorLike, stats: Stats = NO_STATS, adapter: str | None = None
+                    ) -> GenerationRequest:
+    """Decode the image (shrunk for the processor of the model or of the adapter the request names: `adapter`, its
+    header's, or its body's), build the engine request and encode it, on this thread; each step's time goes to
+    `stats`."""
+    adapter = adapters.pick_adapter(adapter, params.adapter)
+    shrink_for = predictor.image_processor if adapter is None else predictor.image_processor_for(adapter)
     started = time.monotonic()
-    decoded: Any = decode_image(image, max_pixels, shrink_for=predictor.image_processor)
+    decoded: Any = decode_image(image, max_pixels, shrink_for=shrink_for)
     decoded_at = time.monotonic()
     stats.image_decoded(decoded_at - started)
     request = GenerationRequest(image=decoded, question=params.question, temperature=params.temperature,
                                 top_p=params.top_p, max_new_tokens=params.max_new_tokens,
-                                stop=tuple(params.stop or ()), json_schema=params.json_schema, deadline=deadline)
+                                stop=tuple(params.stop or ()), json_schema=params.json_schema, deadline=deadline,
+                                adapter=adapter)
     predictor.prepare(request)
     stats.prepared(time.monotonic() - decoded_at)
     return request

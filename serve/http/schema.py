@@ -2,7 +2,8 @@
 and the reply (`reply_body`).
 
     {"image": "<url | s3:// | data: | base64>", "question": "...", "temperature": 0.1, "top_p": 0.9,
-     "max_new_tokens": 64, "stop": ["\\n"], "stream": false, "json_schema": {"type": "object", ...}}
+     "max_new_tokens": 64, "stop": ["\\n"], "stream": false, "json_schema": {"type": "object", ...},
+     "adapter": "charts"}
     {"instances": [<the object above, without "stream">, ...]}
 
 Only `image` and `question` are required; unknown fields are refused (a misspelt "max_tokens" would otherwise be
@@ -27,7 +28,7 @@ from serve.http.envelope import describe_validation_errors
 MAX_QUESTION_CHARS = 20_000
 MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 64
-PARAM_FIELDS = ("question", "temperature", "top_p", "max_new_tokens", "stop", "stream")
+PARAM_FIELDS = ("question", "temperature", "top_p", "max_new_tokens", "stop", "stream", "adapter")
 
 
 class GenerationParams(BaseModel):
@@ -41,6 +42,8 @@ class GenerationParams(BaseModel):
     stream: bool = Field(default=False, description="answer as server-sent events (serve.http.sse)")
     json_schema: dict[str, Any] | None = Field(default=None, description="a JSON Schema the answer follows "
                                                                          "(serve.engine.constrained)")
+    adapter: str | None = Field(default=None, min_length=1, max_length=63,
+                                description="a loaded LoRA adapter's name (serve.http.adapters); none: the base model")
 
     @field_validator("question")
     @classmethod
