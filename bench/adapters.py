@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rounds and --rank must be at least 1")
     requests, max_new = (8, 2) if args.tiny else (args.requests, args.max_new_tokens)
     with tempfile.TemporaryDirectory(prefix="bench-adapters-") as tmp:
-        from train.tiny import build_tiny_artifact
+        from demo.tiny import build_tiny_artifact
 
         model_dir = build_tiny_artifact(Path(tmp) / "tiny")
         make_adapters(model_dir, args.rank)

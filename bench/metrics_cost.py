@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-metrics-") as tmp:
         model_dir = args.model_dir
         if model_dir is None:
-            from train.tiny import build_tiny_artifact
+            from demo.tiny import build_tiny_artifact
 
             model_dir = str(build_tiny_artifact(Path(tmp) / "tiny"))
         log_path = Path(tmp) / "server.log"

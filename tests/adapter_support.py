@@ -64,9 +64,9 @@ def other_hidden_size_adapter(dest: Path) -> Path:
     """A LoRA adapter (no base_model.json) for a LLaVA whose language model is twice as wide as the tiny one."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from train.tiny import build_tiny_model_and_processor
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
+    from demo.tiny import build_tiny_model_and_processor
     from train.modeling import LORA_TARGET_REGEX
 
     small, _ = build_tiny_model_and_processor("test")

@@ -513,7 +513,7 @@ def test_an_adapter_with_its_own_chat_template_is_prompted_with_it(tiny_loaded, 
 
 
 def test_an_adapter_with_another_tokenizer_is_refused(tiny_loaded, trained_adapters, tmp_path):
-    from train.tiny import build_tiny_model_and_processor
+    from demo.tiny import build_tiny_model_and_processor
 
     folder = copy_adapter(trained_adapters["one"], tmp_path / "other-tokenizer")
     _, processor = build_tiny_model_and_processor("test", corpus=["zebra quokka narwhal axolotl " * 20])

@@ -82,7 +82,7 @@ def test_the_report_of_an_adapter_export_scores_what_the_server_answers_with_it(
 
 @pytest.fixture(scope="module")
 def tiny_base():
-    from train.tiny import build_tiny_model_and_processor
+    from demo.tiny import build_tiny_model_and_processor
 
     return build_tiny_model_and_processor("test")
 
