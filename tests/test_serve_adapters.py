@@ -521,3 +521,29 @@ def test_an_adapter_with_another_tokenizer_is_refused(tiny_loaded, trained_adapt
     with pytest.raises(ApiError) as refused:
         make_predictor(tiny_loaded, tmp_path).adapters.register("other", str(folder))
     assert refused.value.code == "adapter_mismatch" and "tokenizer" in refused.value.message
+
+
+def test_the_openai_route_picks_an_adapter_by_model_or_header_and_lists_them(served):
+    """OpenAI clients name an adapter as the `model` (as vLLM serves LoRA modules), or SageMaker sends its header;
+    either answers as /invocations does for that adapter, and /v1/models lists the base and each adapter."""
+    base, answers = served["base"], served["answers"]
+    message = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,"
+                                                                                       + IMAGE}},
+                                            {"type": "text", "text": QUESTION}]}]
+
+    def chat(model=None, headers=None):
+        body = {"messages": message, "temperature": 0, "max_tokens": 12, **({"model": model} if model else {})}
+        return requests.post(base + "/v1/chat/completions", json=body, headers=headers or {}, timeout=120)
+
+    for name in ("one", "two"):
+        by_model = chat(name)
+        assert by_model.status_code == 200, by_model.text
+        assert by_model.json()["model"] == name and by_model.json()["choices"][0]["message"]["content"] == answers[name]
+        by_header = chat(headers={IDENTIFIER: name})
+        assert by_header.json()["choices"][0]["message"]["content"] == answers[name]
+    assert chat().json()["choices"][0]["message"]["content"] == answers[None]
+    unknown = chat("three")
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+    assert chat(headers={IDENTIFIER: "three"}).json()["error"]["code"] == "adapter_not_found"
+    models = requests.get(base + "/v1/models", timeout=10).json()["data"]
+    assert [m["id"] for m in models][1:] == ["one", "two"] and all(m["parent"] == models[0]["id"] for m in models[1:])

@@ -146,11 +146,12 @@ def test_the_self_check_passes_a_real_change_and_leaves_the_base_as_it_was(tiny_
 
 @pytest.mark.parametrize("flags, problem", [
     (["--export", "adapter"], "--export adapter needs --lora_enable True"),
-    (["--export", "everything", "--lora_enable", "True"], "export must be one of merged, adapter, both"),
+    (["--export", "everything", "--lora_enable", "True"], "must be one of merged, adapter, both"),
 ])
 def test_export_flags_are_checked(tmp_path, flags, problem):
-    from train.config import ConfigError, resolve_config
+    from train.config import ConfigError
     from train.sagemaker_env import SageMakerPaths
+    from train.sources import resolve_config
 
     data = tmp_path / "data.json"
     data.write_text("[]")

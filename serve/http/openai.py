@@ -31,6 +31,7 @@ from serve.engine.errors import ApiError, internal_error
 from serve.engine.images import ImagePolicy, decode_image, image_bytes, is_remote
 from serve.engine.stats import NO_STATS, Stats
 from serve.engine.types import GenerationRequest, GenerationResult, PredictorLike
+from serve.http import adapters
 from serve.http.openai_schema import (
     ChatCall,
     ChatError,
@@ -60,7 +61,9 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/v1/models")
     async def models():
-        return models_body(state.cfg.served_model_name, started_at)
+        registry = getattr(state.batcher.predictor, "adapters", None) if state.batcher else None
+        names = [a["name"] for a in registry.list()] if registry is not None else []
+        return models_body(state.cfg.served_model_name, started_at, names)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -104,18 +107,26 @@ async def answer_chat(state: ServerState, batcher: Batcher, payload: Any, reques
     try:
         try:
             call = parse_chat(payload, max_new_tokens=state.cfg.max_new_tokens)
-            model = served_model(call.model, state.cfg)
+            model, adapter = served_model(call.model, state.cfg, batcher.predictor, adapters.header_adapter(request))
             batcher.check_room(1)
-            prepared = await _prepare(state, batcher.predictor, call, deadline)
+            prepared = await _prepare(state, batcher.predictor, call, deadline, adapter)
             prepared.arrival = started  # queue time counts from here (serve/http/metrics.py)
+            lease = await adapters.lease_adapters(state, [prepared], deadline)
         except BaseException:
             batcher.withdraw()
             raise
         chunks = ChatChunks(f"chatcmpl-{request_id or uuid.uuid4().hex}", int(time.time()), model,
                             call.include_usage)
-        if call.stream:
-            return await stream_answer(batcher, prepared, deadline, started, request_id, chunks)
-        [outcome] = await batcher.submit([prepared], deadline, expected=True)
+        streamed = None
+        try:
+            if call.stream:
+                streamed = adapters.release_when_sent(
+                    await stream_answer(batcher, prepared, deadline, started, request_id, chunks), lease)
+                return streamed
+            [outcome] = await batcher.submit([prepared], deadline, expected=True)
+        finally:
+            if streamed is None:
+                lease.release()
         if isinstance(outcome, ApiError):
             raise outcome
         return JSONResponse(completion_body(outcome, reply_id=chunks.reply_id, created=chunks.created, model=model))
@@ -123,28 +134,48 @@ async def answer_chat(state: ServerState, batcher: Batcher, payload: Any, reques
         return error_response(e)
 
 
-def served_model(asked: str | None, cfg: ServeConfig) -> str:
-    """The served model's name, when `asked` (the request's `model`) is absent or names it: the name /v1/models
-    lists, or the model dir's path (what vLLM-style SageMaker payloads send, e.g. "/opt/ml/model")."""
+def served_model(asked: str | None, cfg: ServeConfig, predictor: Any = None, header: str | None = None
+                 ) -> tuple[str, str | None]:
+    """(the model name the reply carries, the adapter to use or None). `model` may be absent, the served model's name
+    (what /v1/models lists), the model dir's path (what vLLM-style SageMaker payloads send, e.g. "/opt/ml/model"),
+    or a loaded LoRA adapter's name (listed by /v1/models too), as may SageMaker's adapter header."""
     name = cfg.served_model_name
-    if asked is not None and asked not in (name, str(cfg.model_dir)):
-        raise ChatError("model_not_found", f"the model {asked!r} does not exist here; this endpoint serves "
-                                           f"{name!r} (GET /v1/models)", "model")
-    return name
+    registry = getattr(predictor, "adapters", None)
+    if header is not None:
+        if asked is not None and asked not in (name, str(cfg.model_dir), header):
+            raise ChatError("invalid_request", f"the request names two models: {asked!r} and the adapter {header!r} "
+                                               "in its header", "model")
+        return header, _adapter(registry, header)
+    if asked is None or asked in (name, str(cfg.model_dir)):
+        return name, None
+    if registry is not None and asked in {a["name"] for a in registry.list()}:
+        return asked, _adapter(registry, asked)
+    raise ChatError("model_not_found", f"the model {asked!r} does not exist here; this endpoint serves "
+                                       f"{name!r} and its adapters (GET /v1/models)", "model")
 
 
-async def _prepare(state: ServerState, predictor: PredictorLike, call: ChatCall, deadline: float
-                   ) -> GenerationRequest:
+def _adapter(registry: Any, name: str) -> str:
+    if registry is None:
+        raise ChatError("adapter_not_found", f"this server serves no adapters; {name!r} is not one", "model")
+    try:
+        return registry.resolve(name)
+    except ApiError as e:
+        raise ChatError(e.code, e.message, "model") from None
+
+
+async def _prepare(state: ServerState, predictor: PredictorLike, call: ChatCall, deadline: float,
+                   adapter: str | None = None) -> GenerationRequest:
     """Fetch a remote image on Starlette's big thread pool; decode and encode on the prepare pool, as
     /invocations does."""
     data = None
     if call.image_url is not None and is_remote(call.image_url):
         data = await run_in_threadpool(_image_bytes, call, state.policy, deadline)
-    return await state.in_prepare_pool(build_request, call, data, state.policy, deadline, predictor, state.metrics)
+    return await state.in_prepare_pool(build_request, call, data, state.policy, deadline, predictor, state.metrics,
+                                       adapter)
 
 
 def build_request(call: ChatCall, data: bytes | None, policy: ImagePolicy, deadline: float,
-                  predictor: PredictorLike, stats: Stats = NO_STATS) -> GenerationRequest:
+                  predictor: PredictorLike, stats: Stats = NO_STATS, adapter: str | None = None) -> GenerationRequest:
     """The engine request for `call`, its image decoded (from `data`, or from a data:/base64 URL here) and its
     prompt encoded, on this thread; each step's time goes to `stats`."""
     image = None
@@ -152,7 +183,8 @@ def build_request(call: ChatCall, data: bytes | None, policy: ImagePolicy, deadl
     if call.image_url is not None:
         data = data if data is not None else _image_bytes(call, policy, deadline)
         try:
-            image = decode_image(data, policy.max_pixels, shrink_for=predictor.image_processor)
+            shrink_for = predictor.image_processor if adapter is None else predictor.image_processor_for(adapter)
+            image = decode_image(data, policy.max_pixels, shrink_for=shrink_for)
         except ApiError as e:
             raise ChatError(e.code, e.message, call.image_param) from None
         stats.image_decoded(time.monotonic() - started)
@@ -162,7 +194,7 @@ def build_request(call: ChatCall, data: bytes | None, policy: ImagePolicy, deadl
                                 messages=None if call.question is not None else call.messages,
                                 temperature=call.temperature, top_p=call.top_p, max_new_tokens=call.max_new_tokens,
                                 stop=call.stop, seed=call.seed, json_schema=call.json_schema,
-                                deadline=deadline)
+                                adapter=adapter, deadline=deadline)
     predictor.prepare(request)
     stats.prepared(time.monotonic() - encode_started)
     return request

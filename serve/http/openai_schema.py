@@ -324,6 +324,7 @@ def chunk_body(*, reply_id: str, created: int, model: str, delta: dict[str, Any]
             "choices": choices}
 
 
-def models_body(name: str, created: int) -> dict[str, Any]:
-    return {"object": "list", "data": [{"id": name, "object": "model", "created": created,
-                                        "owned_by": "llava-sagemaker"}]}
+def models_body(name: str, created: int, adapters: list[str] = ()) -> dict[str, Any]:
+    """The served model, then each loaded LoRA adapter (with `parent`, as vLLM lists LoRA modules)."""
+    base = {"id": name, "object": "model", "created": created, "owned_by": "llava-sagemaker"}
+    return {"object": "list", "data": [base, *({**base, "id": a, "parent": name} for a in adapters)]}
