@@ -18,7 +18,9 @@ from typing import Any
 
 # The engine modules import only the stdlib at import time: reading the config pulls in no torch.
 from serve.engine.accel import AccelConfig, buckets_up_to
+from serve.engine.batching import SCHEDULERS
 from serve.engine.model import QUANTIZATIONS
+from serve.engine.scheduler import DEFAULT_PREFILL_TOKENS
 
 MiB = 1024 * 1024
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -55,6 +57,9 @@ class ServeConfig:
     max_batch_size: int = 8
     max_wait_ms: float = 50.0  # the longest a batch waits for requests still being read or prepared
     max_queue: int = 64
+    scheduler: str = "continuous"  # continuous: rows join and leave between decode steps; batch: one generate per batch
+    prefill_tokens: int = DEFAULT_PREFILL_TOKENS  # prompt tokens prefilled between two decode steps (continuous)
+    max_total_tokens: int = 0  # longest request, prompt + answer; 0 = the model's context (on CUDA: what the KV fits)
     max_instances: int = 16  # instances in one {"instances": [...]} request
     graceful_timeout_s: float = 25.0  # SageMaker sends SIGKILL 30 s after SIGTERM
     torch_threads: int = 0  # torch CPU threads; 0 keeps torch's default (1 is best on small shared CPU hosts)
@@ -228,6 +233,9 @@ ENV_VARS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "max_batch_size": ("SERVE_MAX_BATCH_SIZE", _int(1, 256)),
     "max_wait_ms": ("SERVE_MAX_WAIT_MS", _float(0, strict=False)),
     "max_queue": ("SERVE_MAX_QUEUE", _int(1)),
+    "scheduler": ("SERVE_SCHEDULER", _choice(SCHEDULERS)),
+    "prefill_tokens": ("SERVE_PREFILL_TOKENS", _int(1)),
+    "max_total_tokens": ("SERVE_MAX_TOTAL_TOKENS", _int(0)),
     "max_instances": ("SERVE_MAX_INSTANCES", _int(1, 256)),
     "graceful_timeout_s": ("SERVE_GRACEFUL_TIMEOUT_S", _float(0, strict=False)),
     "torch_threads": ("SERVE_TORCH_THREADS", _int(0, 1024)),

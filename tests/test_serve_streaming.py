@@ -119,12 +119,12 @@ class SlowTokens(RecordingPredictor):
         self.delay_s = delay_s
         self.requests: list[GenerationRequest] = []
 
-    def predict(self, requests, on_result=None):
+    def before(self, requests) -> None:
         for r in requests:
             self.requests.append(r)
             if r.on_text is not None:
                 r.on_text = self._slowly(r.on_text)
-        return super().predict(requests, on_result=on_result)
+        super().before(requests)
 
     def _slowly(self, on_text):
         def slow(text):

@@ -18,6 +18,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "image_too_large": 400,
     "url_not_allowed": 400,
     "image_fetch_failed": 400,
+    "context_length_exceeded": 400,  # prompt + answer longer than the server's per-request token limit
     "not_found": 404,
     "method_not_allowed": 405,
     "payload_too_large": 413,

@@ -73,7 +73,8 @@ def default_predictor_factory(cfg: ServeConfig) -> Callable[[], PredictorLike]:
 
             torch.set_num_threads(cfg.torch_threads)
         loaded = load_artifact(cfg.model_dir, quantization=cfg.quantization, device=cfg.device)
-        return Predictor(loaded, max_new_tokens_cap=cfg.max_new_tokens, accel=cfg.accel_config())
+        return Predictor(loaded, max_new_tokens_cap=cfg.max_new_tokens, accel=cfg.accel_config(),
+                         max_total_tokens=cfg.max_total_tokens or None, warm_up=cfg.scheduler == "batch")
     return build
 
 
@@ -90,7 +91,8 @@ def create_app(cfg: ServeConfig, *, predictor_factory: Callable[[], PredictorLik
             predictor = factory()
             freeze_startup_heap()
             state.batcher = Batcher(predictor, max_batch_size=cfg.max_batch_size, max_wait_ms=cfg.max_wait_ms,
-                                    max_queue=cfg.max_queue).start()
+                                    max_queue=cfg.max_queue, scheduler=cfg.scheduler,
+                                    prefill_tokens=cfg.prefill_tokens).start()
         except BaseException as e:  # noqa: BLE001 - reported to the operator and to /ping
             state.load_error = e
             log.error("model load failed; /ping answers 503", exc_info=e)
