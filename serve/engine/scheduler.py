@@ -45,10 +45,10 @@ class SchedulePolicy:
         budget = self.prefill_tokens if running else None
         taken = tokens = 0
         for prompt in waiting:
-            if taken == room:
-                break
             if budget is not None and taken and tokens + prompt > budget:
                 break
             taken += 1
             tokens += prompt
+            if taken == room:
+                break
         return taken
