@@ -441,9 +441,8 @@ def test_cuda_nf4_continuous_batching_matches_each_row_alone(tiny_artifact):
     requests_alone = {i: greedy(i) for i in range(4)}
     for i, r in requests_alone.items():
         Driver(engine).run({0: [(str(i), r)]})
-    together = {i: greedy(i) for i in range(4)}
-    Driver(engine).run({0: [("0", together[0])], 2: [("1", together[1])], 4: [("2", together[2]),
-                                                                              ("3", together[3])]})
+    together = {i: greedy(i) for i in range(4)}  # each joins alone (the same eager prefill), decodes with the others
+    Driver(engine).run({2 * i: [(str(i), r)] for i, r in together.items()})
     for i in range(4):
         a, b = seen[id(requests_alone[i])], seen[id(together[i])]
         n = min(len(a), len(b))
