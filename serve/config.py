@@ -57,7 +57,7 @@ class ServeConfig:
     max_batch_size: int = 8
     max_wait_ms: float = 50.0  # the longest a batch waits for requests still being read or prepared
     max_queue: int = 64
-    scheduler: str = "continuous"  # continuous: rows join and leave between decode steps; batch: one generate per batch
+    scheduler: str = "batch"  # batch: one generate per batch; continuous: rows join and leave between decode steps
     prefill_tokens: int = DEFAULT_PREFILL_TOKENS  # prompt tokens prefilled between two decode steps (continuous)
     max_total_tokens: int = 0  # longest request, prompt + answer; 0 = the model's context (on CUDA: what the KV fits)
     max_instances: int = 16  # instances in one {"instances": [...]} request

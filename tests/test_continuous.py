@@ -382,7 +382,8 @@ def test_a_short_request_does_not_wait_for_a_long_one(tiny_loaded, tiny_artifact
 
 def test_the_server_refuses_what_a_slot_cannot_hold_and_queues_what_cannot_fit_now(tiny_loaded, tiny_artifact):
     recorder = RecordingPredictor(Predictor(tiny_loaded, max_new_tokens_cap=64, max_total_tokens=100))
-    cfg = serve_config(tiny_artifact, max_new_tokens=64, max_total_tokens=100, max_batch_size=1, max_wait_ms=0)
+    cfg = serve_config(tiny_artifact, max_new_tokens=64, max_total_tokens=100, max_batch_size=1, max_wait_ms=0,
+                       scheduler="continuous")
     with running_server(create_app(cfg, predictor_factory=lambda: recorder)) as base:
         refused = post(base, body("word " * 60))
         assert refused.status_code == 400 and refused.json()["error"]["code"] == "context_length_exceeded"

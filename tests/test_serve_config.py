@@ -28,7 +28,7 @@ def test_defaults_follow_the_sagemaker_contract():
     assert cfg.graceful_timeout_s < 30  # SIGKILL follows SIGTERM after 30 s
     assert cfg.fetch_allow_networks == ()
     assert cfg.s3_buckets is None  # any bucket the execution role can read (docs/serving.md says to scope it)
-    assert (cfg.scheduler, cfg.max_total_tokens) == ("continuous", 0)  # 0: the model's context
+    assert (cfg.scheduler, cfg.max_total_tokens) == ("batch", 0)  # 0: the model's context
 
 
 def test_every_variable_is_read():
@@ -41,7 +41,7 @@ def test_every_variable_is_read():
            "SERVE_GRACEFUL_TIMEOUT_S": "7", "SERVE_TORCH_THREADS": "1", "SERVE_LOG_LEVEL": "debug",
            "SERVE_PREPARE_THREADS": "3", "SERVE_S3_BUCKETS": "serve-images, my.other-bucket",
            "SERVE_ACCEL": "off", "SERVE_ACCEL_BATCH_BUCKETS": "8, 1,4", "SERVE_ACCEL_CACHE_BUCKET": "128",
-           "SERVE_ACCEL_CACHE_GIB": "2.5", "SERVE_SCHEDULER": "Batch", "SERVE_PREFILL_TOKENS": "512",
+           "SERVE_ACCEL_CACHE_GIB": "2.5", "SERVE_SCHEDULER": "Continuous", "SERVE_PREFILL_TOKENS": "512",
            "SERVE_MAX_TOTAL_TOKENS": "300"}
     assert set(env) == {var for var, _ in ENV_VARS.values()}
     cfg = ServeConfig.from_env(env)
@@ -55,7 +55,7 @@ def test_every_variable_is_read():
     assert (cfg.graceful_timeout_s, cfg.torch_threads, cfg.log_level, cfg.prepare_threads) == (7.0, 1, "DEBUG", 3)
     assert "fetch_allow_networks=127.0.0.0/8,10.1.2.3/32" in cfg.summary()
     assert cfg.s3_buckets == ("serve-images", "my.other-bucket")
-    assert (cfg.scheduler, cfg.prefill_tokens, cfg.max_total_tokens) == ("batch", 512, 300)
+    assert (cfg.scheduler, cfg.prefill_tokens, cfg.max_total_tokens) == ("continuous", 512, 300)
     accel = cfg.accel_config()
     # SERVE_ACCEL_BATCH_BUCKETS=1,4,8 with SERVE_MAX_BATCH_SIZE=4: no batch can use 8, so it is not compiled
     assert (accel.mode, accel.batch_buckets, accel.cache_bucket, accel.cache_gib) == ("off", (1, 4), 128, 2.5)

@@ -2,12 +2,12 @@
 
 The event loop only enqueues and awaits; all generation runs on the `generation` thread, so `/ping` never waits on
 the model. Two schedulers (SERVE_SCHEDULER):
-- `continuous` (the default): iteration-level scheduling (serve/engine/continuous.py). Between two decode steps
-  the requests at the head of the queue join the running rows while there is a free slot (max_batch_size) and the
-  step's prefill budget lasts (serve/engine/scheduler.py), and every row leaves the moment it finishes, so a short
-  answer never waits for a long one and a request arriving mid-generation starts at the next step.
-- `batch`: a batch is gathered and run by one `Predictor.predict` call to the end of its longest row; requests
-  arriving meanwhile wait for all of it.
+- `batch` (the default): a batch is gathered and run by one `Predictor.predict` call to the end of its longest
+  row; requests arriving meanwhile wait for all of it.
+- `continuous`: iteration-level scheduling (serve/engine/continuous.py). Between two decode steps the requests at
+  the head of the queue join the running rows while there is a free slot (max_batch_size) and the step's prefill
+  budget lasts (serve/engine/scheduler.py), and every row leaves the moment it finishes, so a short answer never
+  waits for a long one and a request arriving mid-generation starts at the next step.
 Both gather a burst: with nothing generating, the first request waits until `max_batch_size` requests are
 queued, until it has waited `max_wait_ms`, or until no other request is announced (`expect`: still being read or
 prepared), whichever comes first: the window is for requests already on their way, and waiting for ones that have
@@ -65,9 +65,9 @@ SCHEDULERS = ("continuous", "batch")
 
 class Batcher:
     def __init__(self, predictor: Any, *, max_batch_size: int = 8, max_wait_ms: float = 50.0, max_queue: int = 64,
-                 scheduler: str = "continuous", prefill_tokens: int | None = None):
-        """`scheduler`: "continuous" (rows join and leave between decode steps, serve.engine.continuous; its engine
-        is built here, so on CUDA this compiles) or "batch" (one `predict` call per gathered batch)."""
+                 scheduler: str = "batch", prefill_tokens: int | None = None):
+        """`scheduler`: "batch" (one `predict` call per gathered batch) or "continuous" (rows join and leave between
+        decode steps, serve.engine.continuous; its engine is built here, so on CUDA this compiles)."""
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
         self.predictor = predictor
