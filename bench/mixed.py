@@ -12,8 +12,10 @@ both), and measures against each:
   requests that finished inside that window. Reported: the short requests' latency p50/p90 and its ratio to
   alone (and the p50 of the server's own latency_ms, arrival to answer, which leaves the load generator out),
   the long answers' tokens/s, all answers' tokens/s, /ping p99 (from a separate process).
-The summary is the median of each number over the rounds. Targets checked: continuous short p50 under the mix
-<= 2x its p50 alone; continuous aggregate tokens/s >= the batch scheduler's.
+The summary is the median of each number over the rounds. Last, in this process without a server: a prefill of 1, 2,
+4 and 8 joining rows against one decode step of 1, 4 and 12 rows (how long joining stalls the running rows).
+Targets checked: continuous short p50 under the mix <= 2x its p50 alone; continuous aggregate tokens/s >= the
+batch scheduler's.
 Requests are greedy on one chart image; the tiny model may end an answer early (the mean completion tokens of each
 group are reported). --tiny is a seconds-long smoke run for the test suite.
 """
@@ -30,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.load import Client, Sample, make_bodies, one_request, ping_loop
+from bench.load import QUESTION, Client, Sample, make_bodies, one_request, ping_loop
 from bench.report import machine, markdown_table, percentile, write_report
 from bench.run_cpu import server
 
@@ -116,6 +118,48 @@ def summarize(done: dict[str, list[tuple[float, Sample]]], start: float, end: fl
             "long_mean_tokens": long_tokens / len(long_ok) if long_ok else 0.0,
             "ping_p99_ms": percentile(pings, 99), "pings": len(pings), "ping_failures": ping_failures,
             "peak_rss_mib": peak_rss}
+
+
+def engine_timings(model_dir: str, torch_threads: int, repeats: int = 20) -> dict[str, Any]:
+    """In this process, no server: how long a prefill of k joining rows stalls the running rows, against one decode
+    step of n rows (medians, ms). What SERVE_PREFILL_TOKENS bounds."""
+    import torch
+
+    from bench.samples import chart_image
+    from serve.engine.decode import prefill
+    from serve.engine.model import load_artifact
+    from serve.engine.predictor import Predictor
+    from serve.engine.preshrink import preshrink
+    from serve.engine.types import GenerationRequest
+
+    torch.set_num_threads(torch_threads)
+    predictor = Predictor(load_artifact(model_dir), max_new_tokens_cap=4096)
+    image = preshrink(chart_image(640, 480), predictor.image_processor)
+
+    def row():
+        request = GenerationRequest(image=image, question=QUESTION, temperature=0, max_new_tokens=4000)
+        predictor.prepare(request)
+        return request
+
+    def median_ms(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1000)
+        return statistics.median(times)
+
+    out: dict[str, Any] = {"prompt_tokens": int(row().inputs["input_ids"].shape[1])}
+    with torch.inference_mode():
+        for k in (1, 2, 4, 8):
+            batch = predictor._collate([predictor._prepare(0, row()) for _ in range(k)])
+            prefill(predictor.loaded.model, batch)
+            out[f"prefill_{k}_rows_ms"] = median_ms(lambda batch=batch: prefill(predictor.loaded.model, batch))
+    engine = predictor.continuous(max_batch_size=16)
+    for n in (1, 4, 12):
+        engine.step([(row(), lambda outcome: None) for _ in range(n - engine.running)])
+        out[f"step_{n}_rows_ms"] = median_ms(engine.step)
+    return out
 
 
 def one_round(model_dir: str, args: argparse.Namespace, tmp: Path) -> dict[str, dict[str, Any]]:
@@ -208,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as e:
             print(e, file=sys.stderr)
             return 1
+        timings = engine_timings(model_dir, args.torch_threads, repeats=3 if args.tiny else 20)
     summary = median_rounds(rounds)
     verdict = targets(summary)
     md = "\n\n".join([
@@ -217,9 +262,11 @@ def main(argv: list[str] | None = None) -> int:
         "alternating rounds",
         markdown_table(summary, COLUMNS),
         "Short p50 mix/alone, each round: " + "; ".join(f"{r['scheduler']} {r['slowdowns']}" for r in summary),
+        "In-process, no server (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items() if k.endswith("_ms"))
+        + f"; prompts of {timings['prompt_tokens']} tokens",
         f"Targets: {verdict}"])
     write_report(args.out, "mixed", {"machine": machine(), "args": vars(args), "rounds": rounds, "summary": summary,
-                                     "targets": verdict}, md)
+                                     "engine_timings": timings, "targets": verdict}, md)
     errors = sum(r[s]["errors"] + r[s]["alone_errors"] for r in rounds for s in SCHEDULERS)
     return 0 if errors == 0 else 1
 

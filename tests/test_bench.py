@@ -115,6 +115,8 @@ def test_mixed_traffic_compares_both_schedulers(tiny_artifact, tmp_path):
     assert [r["scheduler"] for r in data["summary"]] == ["batch", "continuous"]
     assert set(data["targets"]) >= {"slowdown_met", "tokens_per_s_met"}
     assert "p50 mix/alone" in (tmp_path / "mixed.md").read_text()
+    timings = data["engine_timings"]
+    assert timings["prefill_8_rows_ms"] > 0 and timings["step_12_rows_ms"] > 0 and timings["prompt_tokens"] > 16
 
 
 def test_qlora_refuses_a_gpu_run_without_cuda():
