@@ -59,7 +59,7 @@ class ServeConfig:
     max_queue: int = 64
     scheduler: str = "batch"  # batch: one generate per batch; continuous: rows join and leave between decode steps
     prefill_tokens: int = DEFAULT_PREFILL_TOKENS  # prompt tokens prefilled between two decode steps (continuous)
-    max_total_tokens: int = 0  # longest request, prompt + answer; 0 = the model's context (on CUDA: what the KV fits)
+    max_total_tokens: int = 0  # longest request, prompt + answer; 0 = the model's context (or what the KV budget holds)
     max_instances: int = 16  # instances in one {"instances": [...]} request
     graceful_timeout_s: float = 25.0  # SageMaker sends SIGKILL 30 s after SIGTERM
     torch_threads: int = 0  # torch CPU threads; 0 keeps torch's default (1 is best on small shared CPU hosts)

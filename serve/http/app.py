@@ -89,10 +89,11 @@ def create_app(cfg: ServeConfig, *, predictor_factory: Callable[[], PredictorLik
         started = time.perf_counter()
         try:
             predictor = factory()
+            # The continuous scheduler builds (on CUDA: allocates and compiles) its engine here, before the freeze.
+            batcher = Batcher(predictor, max_batch_size=cfg.max_batch_size, max_wait_ms=cfg.max_wait_ms,
+                              max_queue=cfg.max_queue, scheduler=cfg.scheduler, prefill_tokens=cfg.prefill_tokens)
             freeze_startup_heap()
-            state.batcher = Batcher(predictor, max_batch_size=cfg.max_batch_size, max_wait_ms=cfg.max_wait_ms,
-                                    max_queue=cfg.max_queue, scheduler=cfg.scheduler,
-                                    prefill_tokens=cfg.prefill_tokens).start()
+            state.batcher = batcher.start()
         except BaseException as e:  # noqa: BLE001 - reported to the operator and to /ping
             state.load_error = e
             log.error("model load failed; /ping answers 503", exc_info=e)
