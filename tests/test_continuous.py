@@ -393,6 +393,32 @@ def test_the_server_refuses_what_a_slot_cannot_hold_and_queues_what_cannot_fit_n
     assert recorder.most_together == 1 and sum(recorder.batch_sizes) == 3  # one slot: the others waited their turn
 
 
+def test_closing_lets_running_rows_finish_and_answers_the_queue_not_ready(tiny_loaded, alone):
+    """One slot: the second request is queued behind a long first one when the server starts shutting down."""
+    import asyncio
+    import threading
+
+    from serve.engine.batching import Batcher
+
+    batcher = Batcher(Predictor(tiny_loaded), max_batch_size=1, max_wait_ms=0, scheduler="continuous").start()
+
+    async def main():
+        running = asyncio.ensure_future(batcher.submit([greedy(1, max_new_tokens=400)]))  # long: still running
+        while batcher._engine.running == 0:  # the first request is generating
+            await asyncio.sleep(0.001)
+        queued = asyncio.ensure_future(batcher.submit([greedy(2)]))
+        await asyncio.sleep(0.01)
+        closer = threading.Thread(target=batcher.close, args=(30,))
+        closer.start()
+        outcomes = await asyncio.gather(running, queued)
+        closer.join()
+        return outcomes
+
+    [[finished], [refused]] = asyncio.run(main())
+    assert isinstance(finished, GenerationResult) and finished.answer.startswith(alone[1].answer)
+    assert isinstance(refused, ApiError) and refused.code == "not_ready"
+
+
 # ---------------------------------------------------------------- CUDA
 
 def _tokens_by_key(engine) -> dict[str, list[int]]:
