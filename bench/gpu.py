@@ -10,9 +10,18 @@ question:
 - batch-1 decode tokens/s, eager `generate` vs serve.engine.accel (static cache + torch.compile, buckets): the first
   accelerated call compiles (its time is reported), the timed ones replay; target: >= 3x;
 - TTFT at concurrency 1 (image preprocessing + prefill + first token, p50 of several): target: <= 150 ms;
-- aggregate output tokens/s for `--requests` concurrent image requests through serve's Predictor + Batcher,
-  sequential (max batch 1) vs batched (max batch = requests), each with serve.engine.accel off and on: target >= 10x;
-  accelerated once more with `--long-tokens` answers (the compiled graphs of the same cache-length bucket replay).
+- aggregate output tokens/s for `--requests` concurrent image requests through serve's Predictor + Batcher under
+  SERVE_SCHEDULER=batch, sequential (max batch 1) vs batched (max batch = requests), each with serve.engine.accel
+  off and on: target >= 10x; accelerated once more with `--long-tokens` answers (the compiled graphs of the same
+  cache-length bucket replay);
+- continuous batching (SERVE_SCHEDULER=continuous, compiled decoder, batch buckets 1,16,32): the same `--requests`
+  concurrent `--long-tokens` answers (aggregate output tokens/s, against the batch scheduler's above), then mixed
+  traffic: `--mix-long-clients` clients looping `--mix-long-tokens`-token answers while `--mix-short-clients` send
+  one-token requests, whose latency is their time to first token (queue + prefill + first token; encoding is done
+  before they are submitted, as the server's request threads do). TTFT p50/p90 under the mix against the same
+  requests alone; the batch scheduler's mix for comparison (phase mixed-batch);
+- QLoRA fine-tuning (bench/qlora.py in a subprocess, on this model's artifact): NF4, LoRA r=128, projector trained,
+  ZeRO-2, bf16, ~650-token image examples: training tokens/s and peak GPU memory.
 
 Random weights would stop at a random end-of-sequence token, so every generation is forced to its full length
 (min_new_tokens, and the predictor's EOS pointed at an id the model cannot emit).
@@ -23,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import json
 import statistics
 import tempfile
@@ -36,8 +46,10 @@ from bench.model7b import build_7b_artifact
 from bench.preprocess import decode
 from bench.report import fmt, machine, markdown_table, write_report
 
-# --phases; decode runs as decode-eager + decode-accel; server-accel-long is server-accel with --long-tokens answers
-PHASES = ("decode", "ttft", "server-eager", "server-accel", "server-accel-long")
+# --phases; decode runs as decode-eager + decode-accel; server-accel-long is server-accel with --long-tokens answers;
+# continuous: continuous batching's throughput and mixed traffic; mixed-batch: the batch scheduler's mixed traffic
+PHASES = ("decode", "ttft", "server-eager", "server-accel", "server-accel-long", "continuous", "mixed-batch", "qlora")
+CONTINUOUS_BUCKETS = (1, 16, 32)  # each compiles for ~35 s on a 7B model: the sizes the continuous phases reach
 TARGETS = {"decode_speedup": 3.0, "batched_speedup": 10.0, "ttft_p50_ms": 150.0}
 
 
@@ -184,14 +196,18 @@ def server_throughput(loaded: Any, image: Any, n_requests: int, new_tokens: int,
 
 
 def _run_server(predictor: Any, small: Any, name: str, max_batch: int, n_requests: int, new_tokens: int,
-                device: str) -> dict[str, Any]:
+                device: str, batcher: Any = None) -> dict[str, Any]:
+    """n concurrent requests through a batch-scheduler Batcher of `max_batch` (or through `batcher`, left open)."""
     from serve.engine.batching import Batcher
     from serve.engine.types import GenerationRequest
 
     def request():
         return GenerationRequest(image=small, question=QUESTION, temperature=0, max_new_tokens=new_tokens)
 
-    batcher = Batcher(predictor, max_batch_size=max_batch, max_wait_ms=20, max_queue=4 * n_requests).start()
+    own = batcher is None
+    if own:
+        batcher = Batcher(predictor, max_batch_size=max_batch, max_wait_ms=20, max_queue=4 * n_requests,
+                          scheduler="batch").start()
     try:
         # One full batch first: compiles/allocates this batch shape, so the timed run replays.
         asyncio.run(_submit_all(batcher, [request() for _ in range(min(max_batch, n_requests))]))
@@ -201,12 +217,141 @@ def _run_server(predictor: Any, small: Any, name: str, max_batch: int, n_request
         sync(device)
         wall = time.perf_counter() - start
     finally:
-        batcher.close(timeout=60)
+        if own:
+            batcher.close(timeout=60)
     done = [r[0] for r in results if hasattr(r[0], "completion_tokens")]
     tokens = sum(r.completion_tokens for r in done)
     return {f"{name}_wall_s": wall, f"{name}_output_tok_s": tokens / wall,
             f"{name}_errors": len(results) - len(done),
             f"{name}_mean_completion_tokens": tokens / max(len(done), 1)}
+
+
+class ForcedLength:
+    """Within it, the artifact's end-of-sequence id is one the model cannot emit: every answer runs its full length
+    (random weights would stop at a random EOS). Predictors and engines read it when they are built."""
+
+    def __init__(self, loaded: Any):
+        self.loaded = loaded
+
+    def __enter__(self):
+        self.eos = self.loaded.generation_config.eos_token_id
+        self.loaded.generation_config.eos_token_id = [10**9]
+
+    def __exit__(self, *exc):
+        self.loaded.generation_config.eos_token_id = self.eos
+
+
+def continuous_phase(loaded: Any, image: Any, args: Any, accel_config: Any) -> dict[str, Any]:
+    """Continuous batching with the compiled decoder, built once (one compile per bucket): `--requests` concurrent
+    `--long-tokens` answers, then the mixed traffic."""
+    from serve.engine.batching import Batcher
+    from serve.engine.predictor import Predictor
+    from serve.engine.preshrink import preshrink
+
+    small = preshrink(image, loaded.processor.image_processor)
+    config = dataclasses.replace(accel_config, batch_buckets=tuple(b for b in CONTINUOUS_BUCKETS if b < args.requests)
+                                 + (args.requests,))
+    with ForcedLength(loaded):
+        predictor = Predictor(loaded, max_new_tokens_cap=max(args.long_tokens, args.mix_long_tokens), accel=config,
+                              warm_up=False)
+        started = time.perf_counter()
+        batcher = Batcher(predictor, max_batch_size=args.requests, max_wait_ms=20, max_queue=1024,
+                          scheduler="continuous").start()
+        out: dict[str, Any] = {"continuous_build_s": time.perf_counter() - started,
+                               "continuous_decoder": type(batcher._engine.decoder).__name__,
+                               "continuous_slot_tokens": batcher._engine.decoder.slot_tokens}
+        try:
+            run = _run_server(predictor, small, "continuous", args.requests, args.requests, args.long_tokens,
+                              loaded.device, batcher=batcher)
+            out.update({"continuous_requests": args.requests, "continuous_new_tokens": args.long_tokens, **run})
+            out.update(mixed_traffic(batcher, predictor, small, args, "continuous"))
+        finally:
+            batcher.close(timeout=120)
+    return out
+
+
+def mixed_batch_phase(loaded: Any, image: Any, args: Any, accel_config: Any) -> dict[str, Any]:
+    """The same mixed traffic under SERVE_SCHEDULER=batch (its Predictor compiles batch buckets 1 and --requests)."""
+    from serve.engine.batching import Batcher
+    from serve.engine.predictor import Predictor
+    from serve.engine.preshrink import preshrink
+
+    small = preshrink(image, loaded.processor.image_processor)
+    config = dataclasses.replace(accel_config, batch_buckets=(1, args.requests))
+    with ForcedLength(loaded):
+        predictor = Predictor(loaded, max_new_tokens_cap=args.mix_long_tokens, accel=config)
+        batcher = Batcher(predictor, max_batch_size=args.requests, max_wait_ms=20, max_queue=1024,
+                          scheduler="batch").start()
+        try:
+            return mixed_traffic(batcher, predictor, small, args, "batch")
+        finally:
+            batcher.close(timeout=120)
+
+
+def mixed_traffic(batcher: Any, predictor: Any, small: Any, args: Any, name: str) -> dict[str, Any]:
+    """TTFT of one-token requests alone, then while long answers loop; output tokens/s in the window."""
+    return asyncio.run(_mixed(batcher, predictor, small, args, name))
+
+
+async def _mixed(batcher: Any, predictor: Any, small: Any, args: Any, name: str) -> dict[str, Any]:
+    from bench.report import percentile
+    from serve.engine.types import GenerationRequest
+
+    loop = asyncio.get_running_loop()
+
+    async def timed(tokens: int) -> tuple[float, float, Any]:
+        """(finished at, seconds from submit, outcome); encoded first, off the loop, as the server does."""
+        request = GenerationRequest(image=small, question=QUESTION, temperature=0, max_new_tokens=tokens)
+        await loop.run_in_executor(None, predictor.prepare, request)
+        start = time.perf_counter()
+        [outcome] = await batcher.submit([request])
+        return time.perf_counter(), time.perf_counter() - start, outcome
+
+    await timed(1)
+    alone = [(await timed(1))[1] * 1000 for _ in range(args.mix_alone)]
+    done: dict[str, list[tuple[float, float, Any]]] = {"long": [], "short": []}
+    stop = asyncio.Event()
+
+    async def client(kind: str, tokens: int) -> None:
+        while not stop.is_set():
+            done[kind].append(await timed(tokens))
+
+    longs = [asyncio.create_task(client("long", args.mix_long_tokens)) for _ in range(args.mix_long_clients)]
+    await asyncio.sleep(2.0)  # every long answer is past its prefill
+    start = time.perf_counter()
+    shorts = [asyncio.create_task(client("short", 1)) for _ in range(args.mix_short_clients)]
+    await asyncio.sleep(args.mix_seconds)
+    end = time.perf_counter()
+    stop.set()
+    await asyncio.gather(*longs, *shorts)
+    inside = {k: [(s, o) for t, s, o in v if start <= t <= end] for k, v in done.items()}
+    ok = {k: [(s, o) for s, o in v if hasattr(o, "completion_tokens")] for k, v in inside.items()}
+    ttft = [s * 1000 for s, _ in ok["short"]]
+    tokens = sum(o.completion_tokens for v in ok.values() for _, o in v)
+    alone_p50 = percentile(alone, 50)
+    return {f"mix_{name}_alone_ttft_p50_ms": alone_p50, f"mix_{name}_ttft_p50_ms": percentile(ttft, 50),
+            f"mix_{name}_ttft_p90_ms": percentile(ttft, 90),
+            f"mix_{name}_ttft_slowdown": percentile(ttft, 50) / alone_p50 if alone_p50 else float("nan"),
+            f"mix_{name}_output_tok_s": tokens / (end - start),
+            f"mix_{name}_long_tok_s": sum(o.completion_tokens for _, o in ok["long"]) / (end - start),
+            f"mix_{name}_short_requests": len(ok["short"]), f"mix_{name}_long_requests": len(ok["long"]),
+            f"mix_{name}_errors": sum(len(inside[k]) - len(ok[k]) for k in inside)}
+
+
+def qlora_phase(model_dir: Path, args: Any) -> dict[str, Any]:
+    """bench/qlora.py in a process of its own (its peak memory is the training's, not the serving model's)."""
+    import subprocess
+    import sys
+
+    with tempfile.TemporaryDirectory(prefix="bench-qlora-out-") as tmp:
+        out = Path(tmp) / "qlora.json"
+        cmd = [sys.executable, "-m", "bench.qlora", "--model-dir", str(model_dir), "--out", str(out), "--steps",
+               str(args.qlora_steps)] + (["--tiny"] if args.tiny else [])
+        proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], timeout=args.qlora_timeout_s,
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"bench.qlora exited {proc.returncode}: {(proc.stdout + proc.stderr)[-3000:]}")
+        return {"qlora": json.loads(out.read_text())}
 
 
 def gpu_name(device: str) -> str:
@@ -228,6 +373,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sequential-requests", type=int, default=8,
                         help="requests timed one by one for the sequential rate (default 8; at most --requests)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--mix-long-clients", type=int, default=4)
+    parser.add_argument("--mix-short-clients", type=int, default=8)
+    parser.add_argument("--mix-long-tokens", type=int, default=256)
+    parser.add_argument("--mix-seconds", type=float, default=20.0, help="length of the mixed-traffic window")
+    parser.add_argument("--mix-alone", type=int, default=10, help="one-token requests timed alone")
+    parser.add_argument("--qlora-steps", type=int, default=12)
+    parser.add_argument("--qlora-timeout-s", type=float, default=900)
     parser.add_argument("--phases", default=",".join(PHASES),
                         help=f"comma-separated subset of {','.join(PHASES)} (default: all)")
     parser.add_argument("--work-dir", help="where the 13.5 GB bf16 artifact is written (default: a temp dir)")
@@ -243,10 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from bench.samples import chart_image, encode
-    from demo.tiny import build_tiny_artifact
     from serve.engine.accel import AccelConfig
-    from serve.engine.model import load_artifact
-    from serve.http.app import freeze_startup_heap
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if not args.tiny and device == "cpu":
@@ -254,18 +403,33 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny:
         args.new_tokens, args.requests, args.repeats = min(args.new_tokens, 4), min(args.requests, 4), 1
         args.long_tokens = min(args.long_tokens, 6)
+        args.mix_long_clients, args.mix_short_clients, args.mix_long_tokens = 1, 2, 8
+        args.mix_seconds, args.mix_alone = 1.0, 2
     accel_config = AccelConfig(mode="on") if device == "cuda" else AccelConfig(
         mode="on", compile_backend="eager", compile_mode=None, compile_on_cpu=True)  # CPU: capture only
     quantization = "nf4" if device == "cuda" else "none"  # bnb's CPU 4-bit path is tested in tests/test_accel.py
     chart = chart_image(1600, 1200)
     png = encode(chart, "PNG")
     with tempfile.TemporaryDirectory(prefix="bench-gpu-", dir=args.work_dir) as tmp:
-        started = time.perf_counter()
-        path = build_tiny_artifact(Path(tmp) / "m") if args.tiny else build_7b_artifact(Path(tmp) / "m", device)
-        built_s = time.perf_counter() - started
-        print(f"[bench.gpu] {time.strftime('%H:%M:%S')} built in {built_s:.0f} s; loading", flush=True)
-        loaded = load_artifact(path, quantization=quantization, device=device)
-        load_s = time.perf_counter() - started - built_s
+        return run_phases(args, phases, device, Path(tmp), accel_config, quantization, png)
+
+
+def run_phases(args: Any, phases: list[str], device: str, tmp: Path, accel_config: Any, quantization: str,
+               png: bytes) -> int:
+    """Build and load the model (its artifact stays in `tmp` for the QLoRA phase), run the phases, report."""
+    import torch
+    from train.tiny import build_tiny_artifact
+
+    from serve.engine.accel import AccelConfig
+    from serve.engine.model import load_artifact
+    from serve.http.app import freeze_startup_heap
+
+    started = time.perf_counter()
+    path = build_tiny_artifact(tmp / "m") if args.tiny else build_7b_artifact(tmp / "m", device)
+    built_s = time.perf_counter() - started
+    print(f"[bench.gpu] {time.strftime('%H:%M:%S')} built in {built_s:.0f} s; loading", flush=True)
+    loaded = load_artifact(path, quantization=quantization, device=device)
+    load_s = time.perf_counter() - started - built_s
     freeze_startup_heap()  # as the server does before traffic: no full collection walks the model mid-measurement
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()  # serving memory only, not the bf16 build
@@ -293,10 +457,26 @@ def main(argv: list[str] | None = None) -> int:
         if name in phases:
             phase(args.out, name, results, lambda cfg=cfg, tokens=tokens: servers.append(server_throughput(
                 loaded, image, args.requests, tokens, cfg, args.sequential_requests)))
+    if "continuous" in phases:
+        phase(args.out, "continuous", results, lambda: continuous_phase(loaded, image, args, accel_config))
+        batched = next((s["batched_output_tok_s"] for s in servers if s["accel"] == "on"
+                        and s["new_tokens"] == args.long_tokens), None)
+        if batched and results.get("continuous_output_tok_s"):
+            results["continuous_vs_batch"] = results["continuous_output_tok_s"] / batched
+    if "mixed-batch" in phases:
+        phase(args.out, "mixed-batch", results, lambda: mixed_batch_phase(loaded, image, args, accel_config))
     if device == "cuda":
         results["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if "qlora" in phases:
+        del loaded
+        torch._dynamo.reset()  # compiled graphs keep the serving model and its KV caches alive
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()  # the training process gets the GPU's memory
+        phase(args.out, "qlora", results, lambda: qlora_phase(path, args))
     write_report(args.out, "gpu", {"machine": machine(), "targets": TARGETS, **results}, render(results))
     ok = all(s["sequential_errors"] == s["batched_errors"] == 0 for s in servers)
+    ok = ok and not any(v for k, v in results.items() if k.startswith(("mix_", "continuous_")) and k.endswith("errors"))
     return 0 if ok and not results.get("errors") else 1
 
 
@@ -354,13 +534,39 @@ def render(r: dict[str, Any]) -> str:
     if prof:
         verdict += (f"\n\nOne accelerated prefill + first token, profiled: {fmt(prof['wall_ms'], 0)} ms wall, "
                     f"{prof['kernels']} kernels taking {fmt(prof['kernel_ms'], 0)} ms of device time")
+    parts = [head, decode, f"accel: {r.get('accel_describe', '-')}", server, verdict]
+    if "continuous_output_tok_s" in r or "mix_batch_ttft_p50_ms" in r:
+        parts.append(render_continuous(r))
+    if "qlora" in r:
+        q = r["qlora"]
+        parts.append(f"QLoRA fine-tuning (NF4, LoRA r={q['lora_r']}, projector trained, ZeRO-2, bf16={q['bf16']}, "
+                     f"batch {q['batch_size']} x {q['tokens_per_example']} tokens): {fmt(q['tokens_per_s'], 0)} "
+                     f"tokens/s ({fmt(q['seconds_per_step_p50'], 2)} s/step over {q['timed_steps']} steps), peak "
+                     f"memory {fmt(q.get('peak_allocated_gib'))} GiB allocated / {fmt(q.get('peak_reserved_gib'))} "
+                     f"GiB reserved; trainable {q['trainable']}")
     errors = r.get("errors", {})
     if errors:
-        verdict += "\n\nFailed: " + "; ".join(f"{k}: {v.splitlines()[0] if v else v}" for k, v in errors.items())
+        parts.append("Failed: " + "; ".join(f"{k}: {v.splitlines()[0] if v else v}" for k, v in errors.items()))
     if r["model"] == "tiny":
-        verdict += ("\n\n(--tiny smoke run: checks the script works; on CPU the compiled path is only captured, "
-                    "not code-generated, so these numbers say nothing about GPU speed)")
-    return "\n\n".join([head, decode, f"accel: {r.get('accel_describe', '-')}", server, verdict])
+        parts.append("(--tiny smoke run: checks the script works; on CPU the compiled path is only captured, "
+                     "not code-generated, so these numbers say nothing about GPU speed)")
+    return "\n\n".join(parts)
+
+
+def render_continuous(r: dict[str, Any]) -> str:
+    rows = [{"scheduler": name, "alone": r.get(f"mix_{name}_alone_ttft_p50_ms"),
+             "p50": r.get(f"mix_{name}_ttft_p50_ms"), "p90": r.get(f"mix_{name}_ttft_p90_ms"),
+             "x": r.get(f"mix_{name}_ttft_slowdown"),
+             "long": r.get(f"mix_{name}_long_tok_s"), "all": r.get(f"mix_{name}_output_tok_s")}
+            for name in ("batch", "continuous")]
+    table = markdown_table(rows, [("scheduler", "scheduler"), ("alone", "TTFT alone p50 ms"),
+                                  ("p50", "TTFT in mix p50 ms"), ("p90", "p90 ms"), ("x", "mix/alone"),
+                                  ("long", "long tok/s"), ("all", "all tok/s")])
+    return (f"Continuous batching ({r.get('continuous_decoder', '-')}, slot {r.get('continuous_slot_tokens', '-')} "
+            f"tokens, built in {fmt(r.get('continuous_build_s'))} s): {r.get('continuous_requests', '-')} concurrent "
+            f"{r.get('continuous_new_tokens', '-')}-token answers at {fmt(r.get('continuous_output_tok_s'), 0)} "
+            f"output tok/s ({fmt(r.get('continuous_vs_batch'), 2)}x the batch scheduler's)\n\nMixed traffic: "
+            "one-token requests (their latency is their TTFT) while long answers loop\n\n" + table)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """CPU benchmark of the whole server on a tiny model: sequential (max batch 1) vs dynamic batching, same sweep.
 
     python -m bench.run_cpu [--model-dir DIR] [--concurrency 1,4,16,64] [--requests N] [--rounds N] [--out DIR]
-                            [--tiny]
+                            [--scheduler continuous|batch] [--tiny]
 
 Builds a tiny `test` artifact (demo.tiny) unless --model-dir is given, then starts `python -m serve` on a free
 loopback port twice -- SERVE_MAX_BATCH_SIZE=1, then SERVE_MAX_BATCH_SIZE=--batch-size -- runs bench.load's sweep
@@ -56,7 +56,8 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
 
 
 @contextmanager
-def server(model_dir: str, *, batch_size: int, torch_threads: int, log_path: Path, max_wait_ms: float | None = None):
+def server(model_dir: str, *, batch_size: int, torch_threads: int, log_path: Path, max_wait_ms: float | None = None,
+           extra_env: dict[str, str] | None = None):
     """`python -m serve` on a free loopback port; yields (url, pid); SIGTERM and wait on exit."""
     port = free_port()
     env = {**os.environ, "SM_MODEL_DIR": model_dir, "SERVE_HOST": "127.0.0.1", "SAGEMAKER_BIND_TO_PORT": str(port),
@@ -65,6 +66,7 @@ def server(model_dir: str, *, batch_size: int, torch_threads: int, log_path: Pat
            "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if max_wait_ms is not None:
         env["SERVE_MAX_WAIT_MS"] = str(max_wait_ms)
+    env.update(extra_env or {})
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "serve"], env=env, cwd=REPO, stdout=log,
                                 stderr=subprocess.STDOUT)
@@ -110,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64, help="SERVE_MAX_BATCH_SIZE of the batched server")
     parser.add_argument("--max-wait-ms", type=float, help="SERVE_MAX_WAIT_MS of the batched server (default: its own)")
     parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument("--scheduler", choices=("continuous", "batch"), help="SERVE_SCHEDULER of both servers "
+                                                                           "(default: the server's own)")
     parser.add_argument("--rounds", type=int, default=1, help="alternate sequential and batched runs this many "
                                                                "times; report the medians")
     parser.add_argument("--tiny", action="store_true", help="seconds-long smoke run (for tests)")
@@ -139,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     verdict = targets(summary)
     results = runs[-1]
     parts = [
-        f"CPU, tiny model, max_new_tokens={max_new}, torch threads={args.torch_threads}",
+        f"CPU, tiny model, max_new_tokens={max_new}, torch threads={args.torch_threads}, "
+        f"scheduler={args.scheduler or 'default'}",
         "Sequential server (SERVE_MAX_BATCH_SIZE=1)" + (", last round" if args.rounds > 1 else "") + "\n\n"
         + markdown_table(results["sequential"], COLUMNS),
         f"Batched server (SERVE_MAX_BATCH_SIZE={args.batch_size}, SERVE_MAX_WAIT_MS="
@@ -165,7 +170,8 @@ def one_round(model_dir: str, args: argparse.Namespace, levels: tuple[int, ...],
         log_path = tmp / f"server-{name}.log"
         try:
             with server(model_dir, batch_size=batch, torch_threads=args.torch_threads, log_path=log_path,
-                        max_wait_ms=args.max_wait_ms if batch > 1 else None) as (url, pid):
+                        max_wait_ms=args.max_wait_ms if batch > 1 else None,
+                        extra_env={"SERVE_SCHEDULER": args.scheduler} if args.scheduler else None) as (url, pid):
                 results[name] = sweep(url, levels, requests=requests, max_new_tokens=max_new, images=4,
                                       server_pid=pid)
         except RuntimeError as e:

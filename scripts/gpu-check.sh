@@ -7,7 +7,9 @@
 # (bench.gpu writes gpu.partial.json after every phase). Environment:
 #   PYTHON            interpreter (default python3)
 #   TESTS_TIMEOUT_S   cap on the tests (default 240); BENCH_TIMEOUT_S cap on the benchmark (default 900)
-#   BENCH_ARGS        extra bench.gpu arguments (default: --new-tokens 32 --requests 32 --repeats 3)
+#   BENCH_ARGS        extra bench.gpu arguments (default: --new-tokens 32 --requests 32 --repeats 3). All phases
+#                     together take longer than the default cap on an H100; pick some with e.g.
+#                     BENCH_ARGS="--requests 32 --phases continuous,mixed-batch,qlora" (continuous batching and QLoRA)
 #   SKIP_TESTS=1 / SKIP_BENCH=1
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +30,8 @@ for n in ("transformers", "peft", "accelerate", "bitsandbytes", "deepspeed", "fa
 tests_rc=skipped
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   timeout "${TESTS_TIMEOUT_S:-240}" "$py" -m pytest -p no:cacheprovider -m "gpu and not slow" -v -rs \
-    tests/test_accel.py tests/test_serve_predictor.py tests/test_serve_constrained.py tests/test_serve_main.py \
+    tests/test_accel.py tests/test_continuous.py tests/test_serve_predictor.py tests/test_serve_constrained.py \
+    tests/test_serve_main.py tests/test_serve_adapters.py \
     tests/test_train_runs.py \
     2>&1 | tee "$out/tests.log"
   tests_rc=${PIPESTATUS[0]}

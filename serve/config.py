@@ -22,7 +22,9 @@ from core.settings import Problem, setting
 from serve.engine.accel import AccelConfig, buckets_up_to
 from serve.engine.adapter_files import SourcePolicy
 from serve.engine.adapters import AdapterLimits
+from serve.engine.batching import SCHEDULERS
 from serve.engine.model import QUANTIZATIONS
+from serve.engine.scheduler import DEFAULT_PREFILL_TOKENS
 
 MiB = 1024 * 1024
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -122,6 +124,12 @@ class ServeConfig:
     max_wait_ms: float = setting(50.0, "the longest a batch waits for requests still being read or prepared",
                                  env="SERVE_MAX_WAIT_MS", ge=0)
     max_queue: int = setting(64, env="SERVE_MAX_QUEUE", ge=1)
+    scheduler: str = setting("batch", "batch: one generate per batch; continuous: rows join and leave between decode "
+                                      "steps", env="SERVE_SCHEDULER", parse=str.lower, choices=SCHEDULERS)
+    prefill_tokens: int = setting(DEFAULT_PREFILL_TOKENS, "prompt tokens prefilled between two decode steps "
+                                                          "(continuous)", env="SERVE_PREFILL_TOKENS", ge=1)
+    max_total_tokens: int = setting(0, "longest request, prompt + answer; 0 = the model's context (or what the KV "
+                                       "budget holds)", env="SERVE_MAX_TOTAL_TOKENS", ge=0)
     max_instances: int = setting(16, "instances in one {\"instances\": [...]} request", env="SERVE_MAX_INSTANCES",
                                  ge=1, le=256)
     graceful_timeout_s: float = setting(25.0, "SageMaker sends SIGKILL 30 s after SIGTERM",

@@ -99,36 +99,67 @@ def running_server(app, port: int | None = None, *, wait: bool = True):
 
 
 class RecordingPredictor:
-    """The real predictor (its request-thread hooks `prepare` and `image_processor` included), recording the size
-    of every batch it is given."""
+    """The real predictor (its request-thread hooks `prepare` and `image_processor` included), recording what it is
+    given. `batch_sizes`: the requests of each `predict` call (SERVE_SCHEDULER=batch), or of each step's joining
+    requests (continuous); `step_sizes`: the rows generating together at each continuous step. Subclasses hook
+    `before`, which sees every batch or every step's joining requests before the model does."""
 
     def __init__(self, inner):
         self.inner = inner
         self.batch_sizes: list[int] = []
+        self.step_sizes: list[int] = []
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
     def predict(self, requests, on_result=None):
-        self.batch_sizes.append(len(requests))
+        self.before(requests)
         return self.inner.predict(requests, on_result=on_result)
+
+    def continuous(self, **options):
+        return RecordingEngine(self, self.inner.continuous(**options))
+
+    def before(self, requests) -> None:
+        self.batch_sizes.append(len(requests))
+
+    @property
+    def most_together(self) -> int:
+        """The most requests that generated at once, under either scheduler."""
+        return max(self.step_sizes or self.batch_sizes)
+
+
+class RecordingEngine:
+    """The real continuous engine, showing its owner each step's joining requests and batch size."""
+
+    def __init__(self, owner: RecordingPredictor, inner):
+        self.owner, self.inner = owner, inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def step(self, joining=()):
+        if joining:
+            self.owner.before([request for request, _ in joining])
+        self.owner.step_sizes.append(self.inner.running + len(joining))
+        self.inner.step(joining)
 
 
 class SlowPredictor(RecordingPredictor):
-    """The real predictor behind a fixed delay per batch: a stand-in for a big model on a busy GPU."""
+    """The real predictor behind a fixed delay per batch (continuous: per step that admits requests): a stand-in
+    for a big model on a busy GPU."""
 
     def __init__(self, inner, delay_s: float):
         super().__init__(inner)
         self.delay_s = delay_s
 
-    def predict(self, requests, on_result=None):
+    def before(self, requests) -> None:
         time.sleep(self.delay_s)
-        return super().predict(requests, on_result=on_result)
+        super().before(requests)
 
 
 class FailingPredictor(RecordingPredictor):
-    """The real predictor with a bug in generation: every batch raises, with internals in the message that must not
-    leak."""
+    """The real predictor with a bug in generation: every batch (continuous: every step admitting requests) raises,
+    with internals in the message that must not leak."""
 
     SECRET = "shape mismatch [3, 4] vs [4, 3] in /opt/secret/model_internals.py:42"
 
@@ -136,5 +167,5 @@ class FailingPredictor(RecordingPredictor):
         super().__init__(inner)
         self.message = message
 
-    def predict(self, requests, on_result=None):
+    def before(self, requests) -> None:
         raise RuntimeError(self.message)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from bench import adapters, constrained, gpu, load, metrics_cost, model7b, preprocess, run_cpu
+from bench import adapters, constrained, gpu, load, metrics_cost, mixed, model7b, preprocess, qlora, run_cpu
 from bench.report import markdown_table, percentile
 
 
@@ -128,6 +128,44 @@ def test_gpu_script_tiny_mode_runs_every_measurement(tmp_path):
         # forced length
         assert s["sequential_mean_completion_tokens"] == s["batched_mean_completion_tokens"] == s["new_tokens"]
     assert "batch-1 decode" in (tmp_path / "gpu.md").read_text()
+    # continuous batching: compiled decoder, forced-length throughput, mixed traffic under both schedulers
+    assert data["continuous_decoder"] == "StaticDecoder" and data["continuous_errors"] == 0
+    assert data["continuous_mean_completion_tokens"] == 6 and data["continuous_output_tok_s"] > 0
+    assert data["continuous_vs_batch"] > 0
+    for name in ("batch", "continuous"):
+        assert data[f"mix_{name}_errors"] == 0 and data[f"mix_{name}_short_requests"] > 0
+        assert data[f"mix_{name}_alone_ttft_p50_ms"] > 0 and data[f"mix_{name}_ttft_p90_ms"] >= \
+            data[f"mix_{name}_ttft_p50_ms"] > 0
+    q = data["qlora"]  # the training loop ran in its own process: NF4 + LoRA + projector under ZeRO-2
+    assert q["bits"] == 4 and q["deepspeed"].endswith("zero2.json") and q["steps"] == 3 and q["tokens_per_s"] > 0
+    assert "projector" in q["trainable"] and "Mixed traffic" in (tmp_path / "gpu.md").read_text()
+
+
+def test_mixed_traffic_compares_both_schedulers(tiny_artifact, tmp_path):
+    assert mixed.main(["--tiny", "--model-dir", tiny_artifact, "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "mixed.json").read_text())
+    [round_] = data["rounds"]
+    assert set(round_) == {"batch", "continuous"}
+    for row in round_.values():
+        assert row["errors"] == row["alone_errors"] == 0 and row["short_requests"] > 0
+        assert row["alone_p50_ms"] > 0 and row["short_p90_ms"] >= row["short_p50_ms"] > 0
+        assert row["short_mean_tokens"] <= 4 and row["long_mean_tokens"] <= 24 and row["tokens_per_s"] > 0
+        assert row["ping_p99_ms"] > 0
+    assert [r["scheduler"] for r in data["summary"]] == ["batch", "continuous"]
+    assert set(data["targets"]) >= {"slowdown_met", "tokens_per_s_met"}
+    assert "p50 mix/alone" in (tmp_path / "mixed.md").read_text()
+    timings = data["engine_timings"]
+    assert timings["prefill_8_rows_ms"] > 0 and timings["step_12_rows_ms"] > 0 and timings["prompt_tokens"] > 16
+
+
+def test_qlora_refuses_a_gpu_run_without_cuda():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("has CUDA")
+    with pytest.raises(SystemExit) as e:
+        qlora.main(["--model-dir", "x"])
+    assert e.value.code == 2
 
 
 def test_gpu_script_refuses_7b_run_without_cuda():

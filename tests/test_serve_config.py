@@ -28,6 +28,7 @@ def test_defaults_follow_the_sagemaker_contract():
     assert cfg.graceful_timeout_s < 30  # SIGKILL follows SIGTERM after 30 s
     assert cfg.fetch_allow_networks == ()
     assert cfg.s3_buckets is None  # any bucket the execution role can read (docs/serving.md says to scope it)
+    assert (cfg.scheduler, cfg.max_total_tokens) == ("batch", 0)  # 0: the model's context
 
 
 def test_every_variable_is_read():
@@ -42,7 +43,8 @@ def test_every_variable_is_read():
            "SERVE_ACCEL": "off", "SERVE_ACCEL_BATCH_BUCKETS": "8, 1,4", "SERVE_ACCEL_CACHE_BUCKET": "128",
            "SERVE_ACCEL_CACHE_GIB": "2.5", "SERVE_MODEL_NAME": "chart-llava", "SERVE_MAX_ADAPTERS": "3",
            "SERVE_MAX_ADAPTER_RANK": "16", "SERVE_ADAPTER_MEMORY_MB": "512", "SERVE_ADAPTER_ROOTS": "/a, /b",
-           "SERVE_ADAPTER_S3_BUCKETS": "lora-bucket", "SERVE_ADAPTER_CACHE_DIR": "/c"}
+           "SERVE_ADAPTER_S3_BUCKETS": "lora-bucket", "SERVE_ADAPTER_CACHE_DIR": "/c",
+           "SERVE_SCHEDULER": "Continuous", "SERVE_PREFILL_TOKENS": "512", "SERVE_MAX_TOTAL_TOKENS": "300"}
     assert set(env) == set(ENV_VARS.values())
     cfg = ServeConfig.from_env(env)
     assert (cfg.model_dir, cfg.host, cfg.port, cfg.quantization, cfg.device) == (Path("/m"), "127.0.0.1", 9000,
@@ -55,6 +57,7 @@ def test_every_variable_is_read():
     assert (cfg.graceful_timeout_s, cfg.torch_threads, cfg.log_level, cfg.prepare_threads) == (7.0, 1, "DEBUG", 3)
     assert "fetch_allow_networks=127.0.0.0/8,10.1.2.3/32" in cfg.summary()
     assert cfg.s3_buckets == ("serve-images", "my.other-bucket")
+    assert (cfg.scheduler, cfg.prefill_tokens, cfg.max_total_tokens) == ("continuous", 512, 300)
     accel = cfg.accel_config()
     # SERVE_ACCEL_BATCH_BUCKETS=1,4,8 with SERVE_MAX_BATCH_SIZE=4: no batch can use 8, so it is not compiled
     assert (accel.mode, accel.batch_buckets, accel.cache_bucket, accel.cache_gib) == ("off", (1, 4), 128, 2.5)
@@ -83,7 +86,8 @@ def test_every_bad_value_is_reported_at_once_naming_its_variable():
            "SERVE_DEVICE": "tpu", "SERVE_LOG_LEVEL": "loud", "SERVE_MAX_WAIT_MS": "-1", "SERVE_ACCEL": "fast",
            "SERVE_ACCEL_BATCH_BUCKETS": "1,x", "SERVE_ACCEL_CACHE_BUCKET": "0", "SERVE_ACCEL_CACHE_GIB": "inf",
            "SERVE_PREPARE_THREADS": "-1", "SERVE_S3_BUCKETS": "ok-bucket,Not_A_Bucket",
-           "SERVE_ADAPTER_ROOTS": "relative/dir", "SERVE_MAX_ADAPTERS": "-1"}
+           "SERVE_ADAPTER_ROOTS": "relative/dir", "SERVE_MAX_ADAPTERS": "-1",
+           "SERVE_SCHEDULER": "iteration", "SERVE_PREFILL_TOKENS": "0", "SERVE_MAX_TOTAL_TOKENS": "-5"}
     with pytest.raises(ConfigError) as info:
         ServeConfig.from_env(env)
     problems = info.value.problems
@@ -93,6 +97,7 @@ def test_every_bad_value_is_reported_at_once_naming_its_variable():
     assert "must be one of auto, nf4, bf16, fp16, none" in str(info.value)
     assert "not-a-net" in str(info.value)
     assert "not S3 bucket names: Not_A_Bucket" in str(info.value)
+    assert "SERVE_SCHEDULER='iteration': must be one of continuous, batch" in str(info.value)
 
 
 @pytest.mark.parametrize("raw, expected", [("*", None), ("none", ()), ("NONE", ()), ("one-bucket", ("one-bucket",)),

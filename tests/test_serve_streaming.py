@@ -71,10 +71,11 @@ def events_of(response) -> list[dict]:
     return list(parse_events(response.iter_content(chunk_size=7)))  # small reads: events split across chunks
 
 
-@pytest.fixture(scope="module")
-def server(tiny_loaded, tiny_artifact):
+@pytest.fixture(scope="module", params=["batch", "continuous"])
+def server(tiny_loaded, tiny_artifact, request):
     recorder = RecordingPredictor(Predictor(tiny_loaded, max_new_tokens_cap=64))
-    app = create_app(serve_config(tiny_artifact, max_new_tokens=64), predictor_factory=lambda: recorder)
+    app = create_app(serve_config(tiny_artifact, max_new_tokens=64, scheduler=request.param),
+                     predictor_factory=lambda: recorder)
     with running_server(app) as base:
         yield base
 
@@ -119,12 +120,12 @@ class SlowTokens(RecordingPredictor):
         self.delay_s = delay_s
         self.requests: list[GenerationRequest] = []
 
-    def predict(self, requests, on_result=None):
+    def before(self, requests) -> None:
         for r in requests:
             self.requests.append(r)
             if r.on_text is not None:
                 r.on_text = self._slowly(r.on_text)
-        return super().predict(requests, on_result=on_result)
+        super().before(requests)
 
     def _slowly(self, on_text):
         def slow(text):
@@ -138,9 +139,9 @@ def slow_server_factory(tiny_loaded, tiny_artifact):
     """Servers whose tokens take 0.2 s each, with a given request time budget."""
 
     @contextmanager
-    def start(request_timeout_s: float):
+    def start(request_timeout_s: float, scheduler: str = "batch"):
         predictor = SlowTokens(Predictor(tiny_loaded, max_new_tokens_cap=64), delay_s=0.2)
-        app = create_app(serve_config(tiny_artifact, request_timeout_s=request_timeout_s),
+        app = create_app(serve_config(tiny_artifact, request_timeout_s=request_timeout_s, scheduler=scheduler),
                          predictor_factory=lambda: predictor)
         with running_server(app) as base:
             yield base, predictor
@@ -149,11 +150,11 @@ def slow_server_factory(tiny_loaded, tiny_artifact):
 
 @pytest.fixture
 def slow_server(slow_server_factory, request):
-    with slow_server_factory(request.param) as started:
+    with slow_server_factory(*request.param) as started:
         yield started
 
 
-@pytest.mark.parametrize("slow_server", [1.0], indirect=True)
+@pytest.mark.parametrize("slow_server", [(1.0, "batch"), (1.0, "continuous")], indirect=True)
 def test_a_time_budget_spent_mid_stream_ends_it_with_an_error_event(slow_server, caplog):
     base, _ = slow_server
     body = {"image": b64_png(), "question": QUESTION, "temperature": 0.8, "max_new_tokens": 64, "stream": True}
@@ -167,7 +168,7 @@ def test_a_time_budget_spent_mid_stream_ends_it_with_an_error_event(slow_server,
     assert "request stream-42: the stream ended with timeout" in caplog.text  # the access log only says 200
 
 
-@pytest.mark.parametrize("slow_server", [60.0], indirect=True)  # the budget is not what stops it
+@pytest.mark.parametrize("slow_server", [(60.0, "batch"), (60.0, "continuous")], indirect=True)  # not the budget
 def test_a_client_that_goes_away_stops_its_row(slow_server):
     base, predictor = slow_server
     body = {"image": b64_png(), "question": QUESTION, "temperature": 0.8, "max_new_tokens": 64, "stream": True}

@@ -117,6 +117,11 @@ class Accelerator:
             return int(0.3 * torch.cuda.get_device_properties(torch.device(self.device)).total_memory)
         return 2**30
 
+    @property
+    def cache_budget_bytes(self) -> int:
+        """Memory the KV caches may take (SERVE_ACCEL_CACHE_GIB, default 30% of the GPU's memory)."""
+        return self._cache_budget
+
     def describe(self, model: Any) -> str:
         """One line: what is on (for the start-up log and the GPU benchmark's report)."""
         parts = [f"{'on' if self.enabled else 'off (eager generate)'}",
@@ -263,6 +268,12 @@ def _on_owner_thread(fn: Any, *args: Any) -> Any:
     if getattr(_OWNER_LOCAL, "inside", False):
         return fn(*args)
     return _owner_executor().submit(_as_owner, fn, *args).result()
+
+
+def on_compile_thread(fn: Any, *args: Any) -> Any:
+    """`fn(*args)` on the process's one compile thread (see `_owner_executor`), waiting for its result: for other
+    modules that replay compiled graphs (serve/engine/decode.py)."""
+    return _on_owner_thread(fn, *args)
 
 
 def _as_owner(fn: Any, *args: Any) -> Any:

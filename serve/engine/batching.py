@@ -1,22 +1,29 @@
-"""Dynamic batching: concurrent requests are gathered into one `Predictor.predict` call on one generation thread.
+"""The request queue and the generation thread: concurrent requests share the model, one thread generates.
 
 The event loop only enqueues and awaits; all generation runs on the `generation` thread, so `/ping` never waits on
-the model. A batch starts when `max_batch_size` requests are waiting, when the oldest has waited `max_wait_ms`, or
-as soon as no other request is announced (`expect`: still being read or prepared): the window is for requests
-already on their way, and waiting for ones that have not started to arrive would only add latency. So a burst
-(a wave of clients) is gathered into one batch while it is being prepared, and a lone request starts at once.
-Each request gets its outcome the moment the predictor reports it (short answers do not wait for long ones);
-a request past its deadline is answered 504 while the rest of its batch goes on; a request whose preparation fails
-fails alone. The queue is bounded: beyond `max_queue` waiting requests, `submit` answers 503 `overloaded` at once.
-A CUDA out-of-memory answers that batch 503 `overloaded`; any other predictor exception answers it 500 and is
-logged. An unrecoverable CUDA error marks the batcher unhealthy, so `/ping` fails and SageMaker replaces the host.
+the model. Two schedulers (SERVE_SCHEDULER):
+- `batch` (the default): a batch is gathered and run by one `Predictor.predict` call to the end of its longest
+  row; requests arriving meanwhile wait for all of it.
+- `continuous`: iteration-level scheduling (serve/engine/continuous.py). Between two decode steps the requests at
+  the head of the queue join the running rows while there is a free slot (max_batch_size) and the step's prefill
+  budget lasts (serve/engine/scheduler.py), and every row leaves the moment it finishes, so a short answer never
+  waits for a long one and a request arriving mid-generation starts at the next step.
+Both gather a burst: with nothing generating, the first request waits until `max_batch_size` requests are
+queued, until it has waited `max_wait_ms`, or until no other request is announced (`expect`: still being read or
+prepared), whichever comes first: the window is for requests already on their way, and waiting for ones that have
+not started to arrive would only add latency. So a wave of clients is prefilled together while a lone request
+starts at once. Each request gets its outcome the moment it is known; a request past its deadline is answered 504
+while the others go on; a request whose preparation fails fails alone. The queue is bounded: beyond `max_queue`
+waiting requests, `submit` answers 503 `overloaded` at once. A CUDA out-of-memory answers the rows generating 503
+`overloaded`; any other exception from the model answers them 500 and is logged. An unrecoverable CUDA error marks
+the batcher unhealthy, so `/ping` fails and SageMaker replaces the host.
 Each step is reported to `stats` (serve.engine.stats: queue time, batch size, each outcome), and the `waiting`,
 `running` and `preparing` counts are read by the metrics at scrape time.
 """
-
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -59,11 +66,21 @@ def _set_outcome(future: asyncio.Future, outcome: Outcome) -> None:
         future.set_result(outcome)
 
 
+SCHEDULERS = ("continuous", "batch")
+
+
 class Batcher:
     def __init__(self, predictor: Any, *, max_batch_size: int = 8, max_wait_ms: float = 50.0, max_queue: int = 64,
-                 stats: Stats = NO_STATS):
+                 stats: Stats = NO_STATS, scheduler: str = "batch", prefill_tokens: int | None = None):
+        """`scheduler`: "batch" (one `predict` call per gathered batch) or "continuous" (rows join and leave between
+        decode steps, serve.engine.continuous; its engine is built here, so on CUDA this compiles)."""
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
         self.predictor = predictor
         self.stats = stats
+        self.scheduler = scheduler
+        self._engine = (predictor.continuous(max_batch_size=max_batch_size, prefill_tokens=prefill_tokens)
+                        if scheduler == "continuous" else None)
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue = max_queue
@@ -73,8 +90,9 @@ class Batcher:
         self._closing = False
         self._idle_since = 0.0  # when the generation thread last finished a batch
         self._expected = 0  # requests announced by `expect` that have not been submitted or withdrawn yet
-        self._running = 0  # requests of the batch generating now that have no outcome yet (generation thread only)
-        self._thread = threading.Thread(target=self._run, name="generation", daemon=True)
+        self._running = 0  # requests generating now that have no outcome yet (generation thread only)
+        run = self._run if self._engine is None else self._run_continuous
+        self._thread = threading.Thread(target=run, name="generation", daemon=True)
 
     # ------------------------------------------------------------------ load (serve.engine.stats.QueueLoad)
     @property
@@ -167,20 +185,7 @@ class Batcher:
                 self._cond.wait()
             if self._closing:
                 return None
-            # Gather until the batch is full or max_wait has passed since the oldest request arrived or, if it
-            # arrived while the previous batch ran, since that batch ended: otherwise the one request that came
-            # early would run alone while the rest of the next wave is still on its way.
-            # Requests run now when no other is announced as on its way: nothing more could join within the window.
-            # (Measured on 2 cores at concurrency 16: with a window long enough for a wave's preparation, the wave
-            # then runs as one batch instead of two half-waves, 1.2x the throughput; docs/benchmarks.md.)
-            window_end = max(self._queue[0].enqueued, self._idle_since) + self.max_wait_s
-            while len(self._queue) < self.max_batch_size and not self._closing:
-                if self._expected <= 0:
-                    break
-                remaining = window_end - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._cond.wait(remaining)
+            self._gather()
             take = min(len(self._queue), self.max_batch_size)
             batch = [self._queue.popleft() for _ in range(take)]
         batch = [it for it in batch if not (it.request.cancelled or it.future.done())]
@@ -188,6 +193,61 @@ class Batcher:
         for it in batch:
             self.stats.scheduled(now - it.enqueued)
         return batch
+
+    def _gather(self) -> None:
+        """With the cond held and a request queued: wait for the requests on their way to join it.
+
+        Gather until the batch is full or max_wait has passed since the oldest request arrived or, if it arrived
+        while the previous batch ran, since that batch ended: otherwise the one request that came early would run
+        alone while the rest of the next wave is still on its way. Requests run now when no other is announced as
+        on its way: nothing more could join within the window. (Measured on 2 cores at concurrency 16: with a
+        window long enough for a wave's preparation, the wave then runs as one batch instead of two half-waves,
+        1.2x the throughput; docs/benchmarks.md.)
+        """
+        window_end = max(self._queue[0].enqueued, self._idle_since) + self.max_wait_s
+        while len(self._queue) < self.max_batch_size and not self._closing:
+            if self._expected <= 0:
+                break
+            remaining = window_end - time.monotonic()
+            if remaining <= 0:
+                break
+            self._cond.wait(remaining)
+
+    def _run_continuous(self) -> None:
+        """Iteration-level scheduling: before every decode step the requests that fit join the running rows; each
+        row is answered the moment it finishes. Closing stops admissions and lets the running rows finish."""
+        engine = self._engine
+        while True:
+            joining = self._next_joining(engine)
+            if joining is None:
+                return
+            now = time.monotonic()
+            for it in joining:
+                self.stats.scheduled(now - it.enqueued)
+            self._running += len(joining)  # back down as _resolve answers each
+            try:
+                engine.step([(it.request, functools.partial(self._resolve, it)) for it in joining])
+            except Exception as e:  # noqa: BLE001 - every failure must reach the waiting callers
+                error = self._batch_error(e, engine.running + len(joining))
+                engine.abort(error)
+                for it in joining:
+                    self._resolve(it, error)
+            if engine.running == 0:
+                self._idle_since = time.monotonic()
+
+    def _next_joining(self, engine: Any) -> list[_Item] | None:
+        """The requests that join before the next step ([] for none); None when the thread should end."""
+        with self._cond:
+            while not self._queue and engine.running == 0 and not self._closing:
+                self._cond.wait()
+            if self._closing:
+                return [] if engine.running else None
+            if self._queue and engine.running == 0:
+                self._gather()  # idle: a burst on its way joins as one prefill, as a batch would
+            if any(it.request.cancelled or it.future.done() for it in self._queue):
+                self._queue = deque(it for it in self._queue if not (it.request.cancelled or it.future.done()))
+            take = engine.joinable(it.request for it in self._queue)
+            return [self._queue.popleft() for _ in range(take)]
 
     def _run_batch(self, items: list[_Item]) -> None:
         started = time.perf_counter()

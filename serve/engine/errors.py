@@ -24,6 +24,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "adapter_mismatch": 400,
     "adapter_rank_too_large": 400,
     "adapter_source_not_allowed": 403,
+    "context_length_exceeded": 400,  # prompt + answer longer than the server's per-request token limit
     "not_found": 404,
     "model_not_found": 404,
     "adapter_not_found": 404,

@@ -30,7 +30,7 @@ import time
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from serve.engine.accel import AccelConfig, Accelerator
 from serve.engine.adapters import AdapterLimits, AdapterRegistry
@@ -41,6 +41,9 @@ from serve.engine.model import LoadedModel
 from serve.engine.stats import NO_STATS, Stats
 from serve.engine.textstream import TextStream, cut_at_stop
 from serve.engine.types import GenerationRequest, GenerationResult, OnResult, Outcome
+
+if TYPE_CHECKING:
+    from serve.engine.continuous import ContinuousEngine
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +71,10 @@ class Predictor:
     `prepare`."""
 
     def __init__(self, loaded: LoadedModel, *, max_new_tokens_cap: int = 1024, accel: AccelConfig | None = None,
-                 stats: Stats = NO_STATS, adapters: AdapterLimits | None = None):
+                 stats: Stats = NO_STATS, adapters: AdapterLimits | None = None, max_total_tokens: int | None = None,
+                 warm_up: bool = True):
+        """`max_total_tokens`: the longest request, prompt and answer together (None: the model's context).
+        `warm_up`: compile `predict`'s shapes now when accelerated (the continuous engine compiles its own)."""
         self.loaded = loaded
         self.stats = stats
         # Static cache + compiled decode on CUDA (serve/engine/accel.py); SERVE_ACCEL=off keeps plain eager generate.
@@ -81,7 +87,8 @@ class Predictor:
         self.default_max_new_tokens = min(gen.max_new_tokens or 128, max_new_tokens_cap)
         self.default_temperature = float(gen.temperature or 1.0) if gen.do_sample else 0.0
         self.default_top_p = float(gen.top_p) if gen.do_sample and gen.top_p is not None else 1.0
-        if self.accel.enabled:
+        self.max_total_tokens = max_total_tokens
+        if self.accel.enabled and warm_up:
             self._warm_up_or_fall_back()
 
     def _warm_up_or_fall_back(self) -> None:
@@ -129,6 +136,20 @@ class Predictor:
                     self._generate(rows, requests, deliver)
         return [r if r is not None else ApiError("internal_error", "no result") for r in results]
 
+    def continuous(self, *, max_batch_size: int, prefill_tokens: int | None = None) -> ContinuousEngine:
+        """An iteration-level engine over this model (serve.engine.continuous): rows join and leave between decode
+        steps. Built once, at start-up: it sizes (and on CUDA allocates and compiles) its KV cache, and lowers
+        `max_total_tokens` to what a slot holds."""
+        from serve.engine.continuous import ContinuousEngine
+        from serve.engine.scheduler import DEFAULT_PREFILL_TOKENS
+
+        return ContinuousEngine(self, max_batch_size=max_batch_size,
+                                prefill_tokens=prefill_tokens or DEFAULT_PREFILL_TOKENS)
+
+    def limit_total_tokens(self, tokens: int) -> None:
+        """Accept no request longer than `tokens` (prompt + new tokens) from now on."""
+        self.max_total_tokens = min(tokens, self.max_total_tokens or tokens)
+
     @property
     def image_processor(self) -> Any:
         """What serve.engine.images shrinks images for, on the request threads (serve.engine.preshrink)."""
@@ -163,7 +184,15 @@ class Predictor:
         if context is not None and prompt_tokens >= context:
             raise ApiError("invalid_request", f"the prompt is {prompt_tokens} tokens (image included); the "
                                               f"model's context is {context}: ask a shorter question")
+        self._check_total(prompt_tokens)
         return inputs
+
+    def _check_total(self, prompt_tokens: int) -> None:
+        limit = self.max_total_tokens
+        if limit is not None and prompt_tokens >= limit:
+            raise ApiError("context_length_exceeded",
+                           f"the prompt is {prompt_tokens} tokens (image included); this server takes at most {limit} "
+                           "tokens per request, prompt and answer together: ask a shorter question")
 
     def _prepare(self, index: int, req: GenerationRequest) -> _Row:
         if req.cancelled or (req.deadline is not None and time.monotonic() > req.deadline):
@@ -175,8 +204,10 @@ class Predictor:
         grammar = self._grammar(req)
         inputs = req.inputs if req.inputs is not None else self._encode(req)
         prompt_tokens = int(inputs["input_ids"].shape[1])
-        if self.loaded.max_positions is not None:
-            max_new = min(max_new, self.loaded.max_positions - prompt_tokens)
+        self._check_total(prompt_tokens)
+        for limit in (self.loaded.max_positions, self.max_total_tokens):
+            if limit is not None:
+                max_new = min(max_new, limit - prompt_tokens)
         temperature = self.default_temperature if req.temperature is None else float(req.temperature)
         top_p = self.default_top_p if req.top_p is None else float(req.top_p)
         return _Row(index, inputs, prompt_tokens, temperature, top_p, max_new, tuple(s for s in req.stop if s),

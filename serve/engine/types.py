@@ -7,7 +7,7 @@ torch or a web framework.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -71,3 +71,24 @@ class PredictorLike(Protocol):
 
     def predict(self, requests: Sequence[GenerationRequest], on_result: OnResult | None = None) -> list[Outcome]:
         """Answer every request from one batch; `on_result(i, outcome)` fires as each outcome is known."""
+
+    def continuous(self, *, max_batch_size: int, prefill_tokens: int | None = None) -> ContinuousLike:
+        """An engine whose running batch requests join and leave between decode steps (serve.engine.continuous)."""
+
+
+class ContinuousLike(Protocol):
+    """What the batcher's generation thread drives under SERVE_SCHEDULER=continuous
+    (serve.engine.continuous.ContinuousEngine, or a wrapper around one)."""
+
+    @property
+    def running(self) -> int:
+        """Rows generating now."""
+
+    def joinable(self, queued: Iterable[GenerationRequest]) -> int:
+        """How many requests from the head of `queued` join at the next step."""
+
+    def step(self, joining: Sequence[tuple[GenerationRequest, Callable[[Outcome], None]]] = ()) -> None:
+        """`joining` join the running rows; every running row gets its next token; finished rows are delivered."""
+
+    def abort(self, error: ApiError) -> None:
+        """After `step` raised: every running row gets `error`."""

@@ -79,7 +79,8 @@ def default_predictor_factory(cfg: ServeConfig, stats: Stats = NO_STATS) -> Call
             torch.set_num_threads(cfg.torch_threads)
         loaded = load_artifact(cfg.model_dir, quantization=cfg.quantization, device=cfg.device)
         return Predictor(loaded, max_new_tokens_cap=cfg.max_new_tokens, accel=cfg.accel_config(), stats=stats,
-                         adapters=cfg.adapter_limits())
+                         adapters=cfg.adapter_limits(), max_total_tokens=cfg.max_total_tokens or None,
+                         warm_up=cfg.scheduler == "batch")
     return build
 
 
@@ -96,9 +97,12 @@ def create_app(cfg: ServeConfig, *, predictor_factory: Callable[[], PredictorLik
         try:
             predictor = factory()
             adapters.load_startup_adapters(predictor, cfg.model_dir)
+            # The continuous scheduler builds (on CUDA: allocates and compiles) its engine here, before the freeze.
+            batcher = Batcher(predictor, max_batch_size=cfg.max_batch_size, max_wait_ms=cfg.max_wait_ms,
+                              max_queue=cfg.max_queue, stats=state.metrics, scheduler=cfg.scheduler,
+                              prefill_tokens=cfg.prefill_tokens)
             freeze_startup_heap()
-            state.batcher = Batcher(predictor, max_batch_size=cfg.max_batch_size, max_wait_ms=cfg.max_wait_ms,
-                                    max_queue=cfg.max_queue, stats=state.metrics).start()
+            state.batcher = batcher.start()
             state.metrics.watch(state.batcher)
         except BaseException as e:  # noqa: BLE001 - reported to the operator and to /ping
             state.load_error = e
