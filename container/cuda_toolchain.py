@@ -9,8 +9,11 @@ CUDA libraries as NVIDIA's pip wheels, and so does this step for the compiler:
     CPU torch                              nothing
 
 The wheels land in site-packages/nvidia/ (CUDA 13: all in nvidia/cu13/; CUDA 12: one folder per package), and
-DEST (e.g. /usr/local/cuda) gets bin/, include/ and lib64/ made of symlinks into them, plus the unversioned
-`libX.so` names the linker wants. At the end nvcc's release must match torch's CUDA, and torch must find DEST.
+DEST (e.g. /usr/local/cuda) gets bin/, include/, lib64/ and nvvm/ made of symlinks into them, plus the unversioned
+`libX.so` names the linker wants. nvcc finds cicc, the headers and the libraries relative to the path it was started
+from (DEST/bin), not to its real location, so DEST must hold all four. DEST/lib64 is registered with the dynamic
+loader (/etc/ld.so.conf.d), as a CUDA toolkit install does. At the end nvcc must compile and link a kernel that then
+loads libcudart, its release must match torch's CUDA, and torch must find DEST.
 
     python cuda_toolchain.py /usr/local/cuda     # in the image, after torch (uses the image's pip-install)
 """
@@ -21,11 +24,18 @@ import re
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from importlib import metadata
 from pathlib import Path
 
 # site-packages/nvidia/<package>/<folder> -> DEST/<folder>
-FOLDERS = {"bin": "bin", "include": "include", "lib": "lib64"}
+FOLDERS = {"bin": "bin", "include": "include", "lib": "lib64", "nvvm": "nvvm"}
+LOADER_CONFIG = Path("/etc/ld.so.conf.d/000-cuda.conf")
+PROBE = r"""
+#include <cstdio>
+__global__ void add_one(float *x) { x[threadIdx.x] += 1.0f; }
+int main() { float *x = nullptr; printf("%s\n", cudaGetErrorName(cudaMalloc(&x, 16))); return 0; }
+"""
 SKIPPED = {"__init__.py", "__pycache__"}
 VERSIONED_LIBRARY = re.compile(r"^(lib.+\.so)(\.\d+)+$")
 
@@ -107,16 +117,34 @@ def nvcc_release(dest: Path) -> str:
     return match.group(1)
 
 
+def register_libraries(dest: Path) -> None:
+    """Programs built with this nvcc find libcudart & co. without LD_LIBRARY_PATH (torch loads its own copies)."""
+    LOADER_CONFIG.write_text(f"{dest / 'lib64'}\n")
+    subprocess.run(["ldconfig"], check=True)
+
+
+def compile_probe(dest: Path) -> str:
+    """Compile, link and run a kernel's host program: no GPU here, so it prints the runtime's error name."""
+    with tempfile.TemporaryDirectory() as tmp:
+        source, program = Path(tmp) / "probe.cu", Path(tmp) / "probe"
+        source.write_text(PROBE)
+        subprocess.run([str(dest / "bin" / "nvcc"), "-cudart", "shared", "-o", str(program), str(source)], check=True)
+        return subprocess.run([str(program)], capture_output=True, text=True, check=True).stdout.strip()
+
+
 def check(dest: Path, cuda: str) -> None:
-    """nvcc is torch's CUDA (DeepSpeed refuses a mismatch) and torch's cpp_extension finds DEST."""
+    """nvcc works and is torch's CUDA (DeepSpeed refuses a mismatch), and torch's cpp_extension finds DEST."""
     release = nvcc_release(dest)
     if release != ".".join(cuda.split(".")[:2]):
         raise SystemExit(f"cuda_toolchain: nvcc is CUDA {release}, torch was built with CUDA {cuda}")
+    answer = compile_probe(dest)
+    if not answer.startswith("cuda"):
+        raise SystemExit(f"cuda_toolchain: the compiled probe printed {answer!r}")
     from torch.utils import cpp_extension
 
     if Path(cpp_extension.CUDA_HOME or "").resolve() != dest.resolve():
         raise SystemExit(f"cuda_toolchain: torch looks for CUDA in {cpp_extension.CUDA_HOME}, not {dest}")
-    print(f"cuda_toolchain: nvcc {release} in {dest}, found by torch")
+    print(f"cuda_toolchain: nvcc {release} in {dest}, found by torch; a compiled probe runs ({answer})")
 
 
 def main(argv: list[str]) -> int:
@@ -134,6 +162,7 @@ def main(argv: list[str]) -> int:
     clashes = link_cuda_home(Path(sysconfig.get_paths()["platlib"]) / "nvidia", dest)
     if clashes:  # the same header from two wheels: the first one (by package name) is kept
         print(f"cuda_toolchain: kept the first of {len(clashes)} duplicate names, e.g. {clashes[:3]}")
+    register_libraries(dest)
     check(dest, torch.version.cuda)
     return 0
 

@@ -210,7 +210,8 @@ def test_cuda_home_links_every_nvidia_wheel_into_one_tree(tmp_path):
                                                              "nvidia-cuda-cccl-cu12==12.6.*"]
     # CUDA 12 wheels: one folder per package, with the same subfolder (include/crt) in two of them.
     nvidia = tmp_path / "site-packages" / "nvidia"
-    files = ["cuda_nvcc/bin/nvcc", "cuda_nvcc/include/crt/host_config.h", "cuda_nvcc/include/__init__.py",
+    files = ["cuda_nvcc/bin/nvcc", "cuda_nvcc/nvvm/bin/cicc", "cuda_nvcc/include/crt/host_config.h",
+             "cuda_nvcc/include/__init__.py",
              "cuda_runtime/include/cuda_runtime.h", "cuda_runtime/include/crt/host_defines.h",
              "cuda_runtime/lib/libcudart.so.12", "cublas/lib/libcublas.so.12", "cublas/lib/libcublasLt.so.12",
              "cuda_cccl/include/crt/host_config.h"]
@@ -222,6 +223,7 @@ def test_cuda_home_links_every_nvidia_wheel_into_one_tree(tmp_path):
     clashes = cuda_toolchain.link_cuda_home(nvidia, home)
     assert clashes == [str(home / "include" / "crt" / "host_config.h")]  # the first package's copy is kept
     assert (home / "bin" / "nvcc").read_text() == "cuda_nvcc/bin/nvcc"
+    assert (home / "nvvm" / "bin" / "cicc").read_text() == "cuda_nvcc/nvvm/bin/cicc"  # nvcc looks for it from bin/..
     assert (home / "include" / "crt").is_dir() and not (home / "include" / "crt").is_symlink()
     assert (home / "include" / "crt" / "host_config.h").read_text() == "cuda_cccl/include/crt/host_config.h"
     assert (home / "include" / "crt" / "host_defines.h").read_text() == "cuda_runtime/include/crt/host_defines.h"
@@ -270,13 +272,18 @@ class Built(NamedTuple):
     image: str
 
 
-@pytest.fixture(scope="module", params=["cpu", "gpu"])
+# Ids other than the bare variant name: tests/conftest.py skips every test with a `gpu` keyword on machines without
+# CUDA, and these run on the CPU.
+VARIANT_IDS = {"ids": ["cpu-image", "gpu-image"]}
+
+
+@pytest.fixture(scope="module", params=["cpu", "gpu"], **VARIANT_IDS)
 def serve_image(builds, request) -> Built:
     """The serving image of each variant; the GPU one runs on the CPU here, the way the CPU one does."""
     return Built(request.param, builds(request.param)["serve"])
 
 
-@pytest.fixture(scope="module", params=["cpu", "gpu"])
+@pytest.fixture(scope="module", params=["cpu", "gpu"], **VARIANT_IDS)
 def train_image(builds, request) -> Built:
     return Built(request.param, builds(request.param)["train"])
 
@@ -449,7 +456,8 @@ CU
 nvcc -arch=sm_90 -cudart shared -o probe probe.cu
 ldd probe | grep libcudart
 ./probe
-python -c 'import torch; from torch.utils.cpp_extension import CUDA_HOME; print("torch", torch.version.cuda, CUDA_HOME)'
+python -c 'import torch; from torch.utils import cpp_extension as c; print("torch", torch.version.cuda, c.CUDA_HOME)' \
+    2>/dev/null
 nvcc --version | grep release
 """
 
