@@ -5,7 +5,7 @@
 #   container/build.sh serve --cpu          # CPU serving image: llava-sm-serve:cpu
 #   container/build.sh --cuda 12.6          # GPU images for NVIDIA drivers older than 580 (PyTorch's cu126 index)
 #   container/build.sh train --flash-attn flash-attn==2.8.3
-#   container/build.sh all --base localhost/llava-sm/debian:bookworm --wheel-cache /var/tmp/wheels   # our CI
+#   container/build.sh --base localhost/llava-sm/debian:bookworm --wheel-cache /var/tmp/wheels   # as CI builds
 #
 # Options:
 #   --cuda VERSION        13.0 (default: PyPI's torch 2.13.0, a CUDA 13.0 build; NVIDIA driver >= 580) or 12.6
