@@ -4,14 +4,14 @@
     python -m bench.gpu --tiny            # a tiny model on whatever device there is, for the test suite
 
 Builds the model from config only (no hub; bench/model7b.py), saved with train.artifact.save_artifact. Loads it
-with serve.model.load_artifact(quantization="nf4") and measures in one run, on one 1600x1200 chart image and one
+with serve.engine.model.load_artifact(quantization="nf4") and measures in one run, on one 1600x1200 chart image and one
 question:
 
-- batch-1 decode tokens/s, eager `generate` vs serve.accel (static cache + torch.compile, buckets): the first
+- batch-1 decode tokens/s, eager `generate` vs serve.engine.accel (static cache + torch.compile, buckets): the first
   accelerated call compiles (its time is reported), the timed ones replay; target: >= 3x;
 - TTFT at concurrency 1 (image preprocessing + prefill + first token, p50 of several): target: <= 150 ms;
 - aggregate output tokens/s for `--requests` concurrent image requests through serve's Predictor + Batcher,
-  sequential (max batch 1) vs batched (max batch = requests), each with serve.accel off and on: target >= 10x;
+  sequential (max batch 1) vs batched (max batch = requests), each with serve.engine.accel off and on: target >= 10x;
   accelerated once more with `--long-tokens` answers (the compiled graphs of the same cache-length bucket replay).
 
 Random weights would stop at a random end-of-sequence token, so every generation is forced to its full length
@@ -49,8 +49,8 @@ def sync(device: str) -> None:
 
 
 def model_inputs(encoder: Any, loaded: Any, image: Any) -> dict[str, Any]:
-    """What the server feeds the model for `image`: preshrink, then serve.encoding, on the device."""
-    from serve.preshrink import preshrink
+    """What the server feeds the model for `image`: preshrink, then serve.engine.encoding, on the device."""
+    from serve.engine.preshrink import preshrink
 
     small = preshrink(image, loaded.processor.image_processor)  # a new image: `image` is left as it is
     batch = {k: v.to(loaded.device) for k, v in encoder.encode(QUESTION, small).items()}
@@ -80,8 +80,8 @@ def decode_speed(loaded: Any, image: Any, new_tokens: int, repeats: int, name: s
                  ) -> dict[str, Any]:
     """Batch-1 decode tokens/s of one path (`name`: eager or accel) = (N - 1) / (t(N) - t(1)): prefill and the
     first token cancel out. Warm-up first (compilation, for the accelerated path), then medians."""
-    from serve.accel import Accelerator
-    from serve.encoding import Encoder
+    from serve.engine.accel import Accelerator
+    from serve.engine.encoding import Encoder
 
     batch = model_inputs(Encoder(loaded.processor), loaded, image)
     accel = Accelerator(loaded.model, accel_config, device=loaded.device)
@@ -102,8 +102,8 @@ def decode_speed(loaded: Any, image: Any, new_tokens: int, repeats: int, name: s
 def ttft(loaded: Any, image_bytes: bytes, repeats: int, accel_config: Any) -> dict[str, Any]:
     """Concurrency 1: decode the PNG bytes, preprocess, prefill, first token (what a streaming client would see),
     on the accelerated path (`ttft_*`) and on eager generate (`eager_ttft_*`), with each part's p50."""
-    from serve.accel import AccelConfig, Accelerator
-    from serve.encoding import Encoder
+    from serve.engine.accel import AccelConfig, Accelerator
+    from serve.engine.encoding import Encoder
 
     encoder = Encoder(loaded.processor)
     out: dict[str, Any] = {}
@@ -162,8 +162,8 @@ def server_throughput(loaded: Any, image: Any, n_requests: int, new_tokens: int,
 
     The sequential server's output tokens/s is a steady per-request rate, so `n_sequential` (<= n) requests measure
     it as well as n would, in a fraction of the time (the time a lent GPU machine is short of)."""
-    from serve.predictor import Predictor
-    from serve.preshrink import preshrink
+    from serve.engine.predictor import Predictor
+    from serve.engine.preshrink import preshrink
 
     eos = loaded.generation_config.eos_token_id
     loaded.generation_config.eos_token_id = [10**9]  # an id the model cannot emit: every answer runs full length
@@ -185,8 +185,8 @@ def server_throughput(loaded: Any, image: Any, n_requests: int, new_tokens: int,
 
 def _run_server(predictor: Any, small: Any, name: str, max_batch: int, n_requests: int, new_tokens: int,
                 device: str) -> dict[str, Any]:
-    from serve.batching import Batcher
-    from serve.predictor import GenerationRequest
+    from serve.engine.batching import Batcher
+    from serve.engine.types import GenerationRequest
 
     def request():
         return GenerationRequest(image=small, question=QUESTION, temperature=0, max_new_tokens=new_tokens)
@@ -243,10 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from bench.samples import chart_image, encode
-    from serve.accel import AccelConfig
-    from serve.app import freeze_startup_heap
-    from serve.model import load_artifact
-    from train.tiny import build_tiny_artifact
+    from demo.tiny import build_tiny_artifact
+    from serve.engine.accel import AccelConfig
+    from serve.engine.model import load_artifact
+    from serve.http.app import freeze_startup_heap
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if not args.tiny and device == "cpu":
@@ -330,14 +330,15 @@ def render(r: dict[str, Any]) -> str:
     decode = markdown_table([
         {"path": "eager generate", "tok_s": r.get("eager_decode_tok_s"),
          "first": r.get("eager_prefill_first_token_ms"), "warm": r.get("eager_warmup_s")},
-        {"path": "serve.accel", "tok_s": r.get("accel_decode_tok_s"), "first": r.get("accel_prefill_first_token_ms"),
+        {"path": "serve.engine.accel",
+         "tok_s": r.get("accel_decode_tok_s"), "first": r.get("accel_prefill_first_token_ms"),
          "warm": r.get("accel_warmup_s")}],
         [("path", "batch-1 decode"), ("tok_s", "tokens/s"), ("first", "prefill + 1st token ms"),
          ("warm", "warm-up/compile s")])
     server = markdown_table([
         {"accel": s["accel"], "tokens": s.get("new_tokens"), "seq": s["sequential_output_tok_s"],
          "bat": s["batched_output_tok_s"], "x": s["batched_speedup"]} for s in r["server"]],
-        [("accel", "serve.accel"), ("tokens", "new tokens"),
+        [("accel", "serve.engine.accel"), ("tokens", "new tokens"),
          ("seq", f"sequential out tok/s ({r.get('sequential_requests', '?')} req.)"),
          ("bat", f"batched ({r['requests']}) out tok/s"), ("x", "speed-up")])
     speedups = ", ".join(f"accel {s['accel']} with {s.get('new_tokens', '?')} tokens {fmt(s['batched_speedup'])}x"

@@ -1,14 +1,16 @@
 """Load generator against a running server: a concurrency sweep with a fixed prompt and image set.
 
     python -m bench.load http://127.0.0.1:8080 [--concurrency 1,4,16,64] [--requests 64] [--max-new-tokens 16]
-                         [--stream] [--server-pid PID] [--out DIR] [--label NAME]
+                         [--stream] [--scrape-every-ms 100] [--server-pid PID] [--out DIR] [--label NAME]
 
 For each concurrency level, that many client threads (keep-alive connections, stdlib only, so the generator
 itself costs little CPU) send a bounded number of POST /invocations (JSON: base64 chart image + question,
 greedy) while a separate process pings GET /ping every 20 ms. Reported per level: requests/s, output tokens/s (from
 each reply's usage.completion_tokens), TTFT and latency p50/p99, the server's own latency_ms p50, /ping p50/p99,
 errors by status and code, and peak server RSS (sampled from /proc/PID when --server-pid is given, or psutil).
-The pinger runs in its own process, so its numbers are the server's, not the client threads' GIL queue.
+The pinger runs in its own process, so its numbers are the server's, not the client threads' GIL queue. With
+--scrape-every-ms, another process GETs /metrics at that interval (a Prometheus scraper) and the level also reports
+the scrapes' p50/p99.
 
 TTFT is the time to the response headers. Unstreamed, they come with the whole answer (TTFT ~= latency); with
 --stream (`"stream": true`) the server sends them with the first piece of the answer, so TTFT is the real time to
@@ -22,6 +24,7 @@ import base64
 import http.client
 import json
 import multiprocessing
+import os
 import threading
 import time
 from collections import Counter
@@ -57,6 +60,9 @@ class LevelResult:
     ping_failures: int = 0
     wall_s: float = 0.0
     peak_rss_mib: float | None = None
+    server_cpu_s: float | None = None  # CPU time (user + system) the server used during the level
+    scrapes_ms: list[float] | None = None  # GET /metrics latencies, when a scraper ran
+    scrape_failures: int = 0
 
     def summary(self) -> dict[str, Any]:
         ok = [s for s in self.samples if s.ok]
@@ -76,7 +82,12 @@ class LevelResult:
             "pings": len(self.pings_ms), "ping_p50_ms": percentile(self.pings_ms, 50),
             "ping_p99_ms": percentile(self.pings_ms, 99),
             "ping_max_ms": max(self.pings_ms) if self.pings_ms else None, "ping_failures": self.ping_failures,
-            "peak_rss_mib": self.peak_rss_mib,
+            "peak_rss_mib": self.peak_rss_mib, "server_cpu_s": self.server_cpu_s,
+            "server_cpu_ms_per_request": (1000 * self.server_cpu_s / len(ok)
+                                          if self.server_cpu_s is not None and ok else None),
+            **({} if self.scrapes_ms is None else {
+                "scrapes": len(self.scrapes_ms), "scrape_p50_ms": percentile(self.scrapes_ms, 50),
+                "scrape_p99_ms": percentile(self.scrapes_ms, 99), "scrape_failures": self.scrape_failures}),
         }
 
 
@@ -169,9 +180,23 @@ def rss_mib(pid: int | None) -> float | None:
         return None
 
 
+def cpu_seconds(pid: int | None) -> float | None:
+    """CPU time (user + system) process `pid` has used, from /proc; None when unknown. Less noisy than req/s on a
+    shared machine: other processes slow the server down but do not add to its CPU time."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def run_level(url: str, bodies: list[bytes], concurrency: int, requests: int, *, timeout_s: float = 120.0,
-              server_pid: int | None = None) -> LevelResult:
-    """`requests` POSTs spread over `concurrency` threads, /ping every 20 ms, RSS sampled; bounded, no retries."""
+              server_pid: int | None = None, scrape_every_s: float | None = None) -> LevelResult:
+    """`requests` POSTs spread over `concurrency` threads, /ping every 20 ms, RSS sampled, /metrics every
+    `scrape_every_s` when given; bounded, no retries."""
     result = LevelResult(concurrency)
     lock = threading.Lock()
     counter = iter(range(requests))
@@ -199,18 +224,35 @@ def run_level(url: str, bodies: list[bytes], concurrency: int, requests: int, *,
     pinger = ctx.Process(target=ping_loop, args=(url, server_pid, stop, ready, queue), name="ping", daemon=True)
     pinger.start()
     ready.wait(timeout=60)  # the load starts once the pinger is pinging
+    scraper = scrapes = None
+    if scrape_every_s is not None:
+        scraping, scrapes = ctx.Event(), ctx.Queue()
+        scraper = ctx.Process(target=scrape_loop, args=(url, scrape_every_s, stop, scraping, scrapes), name="scrape",
+                              daemon=True)
+        scraper.start()
+        scraping.wait(timeout=60)
+    cpu_before = cpu_seconds(server_pid)
     start = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     result.wall_s = time.perf_counter() - start
+    cpu_after = cpu_seconds(server_pid)
+    if cpu_before is not None and cpu_after is not None:
+        result.server_cpu_s = cpu_after - cpu_before
     stop.set()
     try:
         result.pings_ms, result.ping_failures, result.peak_rss_mib = queue.get(timeout=30)
     except Empty:  # the pinger died: the level's numbers stand, /ping shows as missing
         result.ping_failures = -1
     pinger.join(timeout=10)
+    if scraper is not None:
+        try:
+            result.scrapes_ms, result.scrape_failures = scrapes.get(timeout=30)
+        except Empty:
+            result.scrapes_ms, result.scrape_failures = [], -1
+        scraper.join(timeout=10)
     return result
 
 
@@ -241,13 +283,37 @@ def ping_loop(url: str, server_pid: int | None, stop: Any, ready: Any, queue: An
         queue.put((pings, failures, peak))
 
 
+def scrape_loop(url: str, every_s: float, stop: Any, ready: Any, queue: Any) -> None:
+    """GET /metrics every `every_s` until `stop` (a Prometheus scraper); puts (latency ms list, failures)."""
+    client = Client(url, 5.0)
+    scrapes: list[float] = []
+    failures = 0
+    try:
+        while True:
+            try:
+                ok = client.request("GET", "/metrics")[0] == 200
+            except (OSError, http.client.HTTPException):
+                ok = False
+            if ok:
+                scrapes.append(client.last_ms)
+            else:
+                failures += 1
+            ready.set()
+            if stop.wait(every_s):
+                break
+    finally:
+        client.close()
+        queue.put((scrapes, failures))
+
+
 def default_requests(concurrency: int) -> int:
     # Enough for stable percentiles: >= 128 latencies, and a level long enough for ~100 /ping samples.
     return max(8 * concurrency, 128)
 
 
 def sweep(url: str, levels: tuple[int, ...], *, requests: int | None, max_new_tokens: int, images: int,
-          server_pid: int | None, warmup: int = 2, stream: bool = False) -> list[dict[str, Any]]:
+          server_pid: int | None, warmup: int = 2, stream: bool = False, scrape_every_s: float | None = None
+          ) -> list[dict[str, Any]]:
     from bench.samples import image_set
 
     bodies = make_bodies(image_set(images), max_new_tokens, stream=stream)
@@ -255,7 +321,7 @@ def sweep(url: str, levels: tuple[int, ...], *, requests: int | None, max_new_to
     rows = []
     for c in levels:
         n = requests if requests is not None else default_requests(c)
-        rows.append(run_level(url, bodies, c, n, server_pid=server_pid).summary())
+        rows.append(run_level(url, bodies, c, n, server_pid=server_pid, scrape_every_s=scrape_every_s).summary())
     return rows
 
 
@@ -263,6 +329,7 @@ COLUMNS = [("concurrency", "concurrency"), ("ok", "ok"), ("errors", "errors"), (
            ("output_tokens_per_s", "out tok/s"), ("ttft_p50_ms", "TTFT p50 ms"), ("latency_p50_ms", "latency p50 ms"),
            ("latency_p99_ms", "latency p99 ms"), ("ping_p99_ms", "/ping p99 ms"), ("pings", "pings"),
            ("peak_rss_mib", "peak RSS MiB")]
+SCRAPE_COLUMNS = [("scrapes", "scrapes"), ("scrape_p50_ms", "/metrics p50 ms"), ("scrape_p99_ms", "/metrics p99 ms")]
 
 
 def parse_levels(text: str) -> tuple[int, ...]:
@@ -281,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=4, help="size of the fixed image set (640x480 charts)")
     parser.add_argument("--stream", action="store_true", help="ask for streamed answers: TTFT is then the time to "
                                                               "the first piece of the answer")
+    parser.add_argument("--scrape-every-ms", type=float, help="also GET /metrics at this interval (a Prometheus "
+                                                                 "scraper) and report its latency")
     parser.add_argument("--server-pid", type=int, help="sample this process's RSS")
     parser.add_argument("--label", default="load", help="name of the JSON/markdown files")
     parser.add_argument("--out", help="write LABEL.json and LABEL.md here")
@@ -290,13 +359,15 @@ def main(argv: list[str] | None = None) -> int:
         Client(args.url, 1.0)
     except ValueError as e:
         parser.error(str(e))
-    if (args.requests is not None and args.requests < 1) or args.max_new_tokens < 1 or args.images < 1:
-        parser.error("--requests, --max-new-tokens and --images must be positive")
+    if (args.requests is not None and args.requests < 1) or args.max_new_tokens < 1 or args.images < 1 or (
+            args.scrape_every_ms is not None and args.scrape_every_ms <= 0):
+        parser.error("--requests, --max-new-tokens, --images and --scrape-every-ms must be positive")
     rows = sweep(args.url, levels, requests=args.requests, max_new_tokens=args.max_new_tokens, images=args.images,
-                 server_pid=args.server_pid, stream=args.stream)
+                 server_pid=args.server_pid, stream=args.stream,
+                 scrape_every_s=None if args.scrape_every_ms is None else args.scrape_every_ms / 1000)
     ttft = "time to the first piece (streamed)" if args.stream else "time to response headers, = latency unstreamed"
     md = (f"Load sweep against {args.url} (max_new_tokens={args.max_new_tokens}; TTFT = {ttft})\n\n"
-          + markdown_table(rows, COLUMNS))
+          + markdown_table(rows, COLUMNS + (SCRAPE_COLUMNS if args.scrape_every_ms else [])))
     write_report(args.out, args.label, {"machine": machine(), "url": args.url, "max_new_tokens": args.max_new_tokens,
                                         "stream": args.stream, "levels": rows}, md)
     return 0 if all(r["errors"] == 0 for r in rows) else 1

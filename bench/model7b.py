@@ -35,8 +35,8 @@ def build_7b_artifact(out_dir: Path, device: str) -> Path:
     from transformers import LlavaForConditionalGeneration
 
     from bench.preprocess import llava15_processor
+    from demo.tiny import DEFAULT_CORPUS, train_tokenizer
     from train.artifact import save_artifact
-    from train.tiny import DEFAULT_CORPUS, train_tokenizer
 
     processor = llava15_processor(train_tokenizer(DEFAULT_CORPUS + [QUESTION], vocab_size=32064))
     tokenizer = processor.tokenizer

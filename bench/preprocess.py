@@ -2,12 +2,12 @@
 
     python -m bench.preprocess [--size 1600x1200] [--repeats 30] [--model-dir DIR] [--out DIR]
 
-Compares the reference path (serve.images.decode_image, then the saved processor: LlavaImageProcessorPil pads
+Compares the reference path (serve.engine.images.decode_image, then the saved processor: LlavaImageProcessorPil pads
 the full-size array to a square and resizes it) with the server's fast path (decode_image(shrink_for=processor):
-serve.preshrink's JPEG draft decode, pad, box reduce and resize in PIL, then the same processor), and reports the
+serve.engine.preshrink's JPEG draft decode, pad, box reduce and resize in PIL, then the same processor), and reports the
 pixel difference between the two. Target: <= 15 ms per image.
 Then the whole request preparation, prompt and tokens included: the saved processor's call on the shrunk image
-vs serve.encoding's (identical tensors), and the server's total from image bytes to model inputs.
+vs serve.engine.encoding's (identical tensors), and the server's total from image bytes to model inputs.
 Without --model-dir the processor has LLaVA-1.5's settings (336 px, CLIP mean/std, bicubic, pad to square, 576
 image tokens) with an offline tokenizer.
 """
@@ -39,8 +39,8 @@ def llava15_processor(tokenizer: Any = None) -> Any:
     `tokenizer`, by default a small offline one (no hub)."""
     from transformers import LlavaProcessor
 
+    from demo.tiny import DEFAULT_CORPUS, train_tokenizer
     from train.artifact import configure_processor
-    from train.tiny import DEFAULT_CORPUS, train_tokenizer
 
     processor = LlavaProcessor(image_processor=llava15_image_processor(),
                                tokenizer=tokenizer or train_tokenizer(DEFAULT_CORPUS, vocab_size=600), patch_size=14,
@@ -53,8 +53,8 @@ MAX_PIXELS = 25_000_000
 
 
 def decode(data: bytes) -> Any:
-    """The server's decode (serve.images: pixel cap, first frame, EXIF orientation, RGB)."""
-    from serve.images import decode_image
+    """The server's decode (serve.engine.images: pixel cap, first frame, EXIF orientation, RGB)."""
+    from serve.engine.images import decode_image
 
     return decode_image(data, MAX_PIXELS)
 
@@ -64,8 +64,8 @@ def reference(data: bytes, processor) -> Any:
 
 
 def fast_geometry(data: bytes, processor) -> Any:
-    """Decode + pad + resize only (what the target names): the server's decode with serve.preshrink."""
-    from serve.images import decode_image
+    """Decode + pad + resize only (what the target names): the server's decode with serve.engine.preshrink."""
+    from serve.engine.images import decode_image
 
     return decode_image(data, MAX_PIXELS, shrink_for=processor)
 
@@ -97,7 +97,7 @@ def pixel_diff(processor, a, b) -> dict[str, float]:
 
 def run(width: int, height: int, repeats: int, full_processor) -> list[dict[str, Any]]:
     from bench.samples import chart_image, encode
-    from serve.encoding import Encoder
+    from serve.engine.encoding import Encoder
 
     image = chart_image(width, height)
     encoders = Encoder(full_processor), Encoder(full_processor, fast=False)  # built (and checked) once
@@ -107,7 +107,7 @@ def run(width: int, height: int, repeats: int, full_processor) -> list[dict[str,
 
 def format_row(fmt: str, data: bytes, size: str, repeats: int, processor, encoders: tuple[Any, Any]
                ) -> dict[str, Any]:
-    """One image format's timings; `encoders`: serve.encoding's (fast path) and the processor-only reference."""
+    """One image format's timings; `encoders`: serve.engine.encoding's (fast path) and the processor-only reference."""
     encoder, reference_encoder = encoders
     small = fast_geometry(data, processor)
     row: dict[str, Any] = {"format": fmt, "size": size, "bytes": len(data), "encode_fast_path": encoder.fast}
@@ -128,7 +128,7 @@ def format_row(fmt: str, data: bytes, size: str, repeats: int, processor, encode
 
 
 ENCODE_COLUMNS = [("format", "format"), ("size", "size"), ("processor_encode_p50_ms", "processor call ms (p50)"),
-                  ("serve_encode_p50_ms", "serve.encoding ms (p50)"), ("encode_fast_path", "fast path"),
+                  ("serve_encode_p50_ms", "serve.engine.encoding ms (p50)"), ("encode_fast_path", "fast path"),
                   ("server_total_p50_ms", "bytes to model inputs ms (p50)"), ("server_total_p90_ms", "p90 ms")]
 COLUMNS = [("format", "format"), ("size", "size"), ("decode_only_p50_ms", "decode only ms"),
            ("reference_p50_ms", "reference ms (p50)"), ("fast_geometry_p50_ms", "fast decode+pad+resize ms"),

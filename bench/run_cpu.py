@@ -3,11 +3,11 @@
     python -m bench.run_cpu [--model-dir DIR] [--concurrency 1,4,16,64] [--requests N] [--rounds N] [--out DIR]
                             [--tiny]
 
-Builds a tiny `test` artifact (train.tiny) unless --model-dir is given, then starts `python -m serve` on a free
+Builds a tiny `test` artifact (demo.tiny) unless --model-dir is given, then starts `python -m serve` on a free
 loopback port twice -- SERVE_MAX_BATCH_SIZE=1, then SERVE_MAX_BATCH_SIZE=--batch-size -- runs bench.load's sweep
 against each, stops it, and reports both tables plus batched/sequential requests/s per level. With --rounds N the
-two alternate N times and the comparison is the median per level (every round's speed-up is listed). Targets checked
-(issue 8): batched >= 4x sequential req/s at concurrency 16; /ping p99 <= 20 ms under that load.
+two alternate N times and the comparison is the median per level (every round's speed-up is listed). Targets
+checked: batched >= 4x sequential req/s at concurrency 16; /ping p99 <= 20 ms under that load.
 --tiny runs a seconds-long smoke version (levels 1,4; 8 requests; 2 new tokens) for the test suite.
 """
 
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-cpu-") as tmp:
         model_dir = args.model_dir
         if model_dir is None:
-            from train.tiny import build_tiny_artifact
+            from demo.tiny import build_tiny_artifact
 
             model_dir = str(build_tiny_artifact(Path(tmp) / "tiny"))
         try:  # one {"sequential": rows, "batched": rows} per round

@@ -1,4 +1,4 @@
-"""`llava-sm data synth OUT_DIR`: synthetic chart-QA data (the generator of train/synth.py, same options).
+"""`llava-sm data synth OUT_DIR`: synthetic chart-QA data (the generator of datagen/synth.py, same options).
 
     llava-sm data synth data/charts -n 2000                        # 336-672 px charts, every question type
     llava-sm data synth data/mine --tables my_tables.csv --variants 5   # your own tables in 5 styles each
@@ -15,7 +15,7 @@ from typing import Any
 
 
 def add_parser(subparsers: Any) -> None:
-    from train import synth
+    from datagen import synth
 
     data = subparsers.add_parser("data", help="data tools: `data synth` draws synthetic chart-QA data",
                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -28,8 +28,15 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import logging
+    import sys
 
-    from train import synth
+    from client.local_commands import missing_extra
+    from datagen import synth
+
+    problem = missing_extra("train", ("matplotlib", "PIL", "tqdm"))  # what drawing needs, not torch
+    if problem:
+        print(f"llava-sm data synth: {problem}", file=sys.stderr)
+        return 1
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return synth.run(args)

@@ -4,7 +4,9 @@
     llava-sm delete --endpoint-name chart-qa
 
 That is: the auto-scaling registration of its variants (if any), the endpoint, its endpoint config and the models
-that config names. Nothing else: the model data in S3, other endpoints' configs and models are left alone.
+that config names. An endpoint that serves through inference components (`deploy --inference-component`) has its
+components deleted first, adapters before their base, each waited for, and the models they name. Nothing else: the
+model data in S3, other endpoints' configs and models are left alone.
 """
 
 from __future__ import annotations
@@ -44,11 +46,22 @@ def plan_deletion(sm: Any, scaling: Any, endpoint_name: str) -> list[tuple[str, 
     plan = [("application-autoscaling", "deregister_scalable_target",
              {"ServiceNamespace": "sagemaker", "ResourceId": t["ResourceId"], "ScalableDimension": SCALABLE_DIMENSION})
             for t in targets]
+    components = component_deletions(sm, endpoint_name) if any(not v.get("ModelName") for v in variants) else []
+    plan += [("sagemaker", "delete_inference_component", {"InferenceComponentName": c["InferenceComponentName"]})
+             for c in components]
     plan.append(("sagemaker", "delete_endpoint", {"EndpointName": endpoint_name}))
     plan.append(("sagemaker", "delete_endpoint_config", {"EndpointConfigName": config_name}))
-    models = dict.fromkeys(v["ModelName"] for v in variants if v.get("ModelName"))
+    named = [v.get("ModelName") for v in variants] + [c["Specification"].get("ModelName") for c in components]
+    models = dict.fromkeys(m for m in named if m)
     plan += [("sagemaker", "delete_model", {"ModelName": m}) for m in models]
     return plan
+
+
+def component_deletions(sm: Any, endpoint_name: str) -> list[dict[str, Any]]:
+    """The endpoint's inference components in the order they can be deleted: adapters, then bases."""
+    from client.components import endpoint_components, is_adapter
+
+    return sorted(endpoint_components(sm, endpoint_name), key=lambda c: not is_adapter(c))
 
 
 def add_parser(subparsers: Any) -> None:
@@ -56,6 +69,8 @@ def add_parser(subparsers: Any) -> None:
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     o.add_arguments(parser, DeleteOptions)
     parser.add_argument("--dry-run", action="store_true", help="print what would be deleted; delete nothing")
+    parser.add_argument("--poll", type=float, default=15.0,
+                        help="seconds between checks that an inference component is gone")
     parser.set_defaults(func=run)
 
 
@@ -79,6 +94,11 @@ def run(args: argparse.Namespace) -> int:
     services = {"sagemaker": clients.sagemaker, "application-autoscaling": clients.application_autoscaling}
     for service, operation, request in plan:
         getattr(services[service], operation)(**request)
+        if operation == "delete_inference_component":  # the endpoint cannot go while its components remain
+            from client.components import wait_for_component
+
+            wait_for_component(clients.sagemaker, request["InferenceComponentName"], timeout_s=3600,
+                               poll_s=args.poll, gone=True)
         print(f"{operation} {' '.join(str(v) for v in request.values() if v not in ('sagemaker', SCALABLE_DIMENSION))}",
               file=sys.stderr)
     print(f"deleted endpoint {opts.endpoint_name}")

@@ -2,6 +2,7 @@
 
     llava-sm deploy --config endpoint.yaml --dry-run      # print the requests, send nothing
     llava-sm deploy --image-uri ... --model-data s3://b/llava/v1/model.tar.gz --role arn:... --endpoint-name chart-qa
+    llava-sm deploy ... --inference-component chart-qa-base --component-memory-mb 16384   # adapters can attach
 
 Creates a model (image + ModelDataUrl + server environment), an endpoint config (instance type and count, start-up
 health-check and model-download timeouts) and the endpoint, then waits until it is InService (or prints why it
@@ -9,6 +10,10 @@ failed) and, when --max-instances is given, registers target-tracking auto-scali
 A `model_data` ending in `/` is served uncompressed from that S3 prefix (no tarball to extract: faster starts for
 large models). If a create call fails, what this run already created is deleted again. `llava-sm delete` removes
 exactly what deploy made.
+
+With `--inference-component NAME` the endpoint serves through inference components instead: its config names no
+model, and a base component NAME holds the model with the compute it asks for (`--component-*`); LoRA adapters then
+attach to it as components of their own (`llava-sm adapter add`, docs/adapters.md).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import time
 from typing import Any
 
 from client import options as o
+from client.components import base_component_request
 from client.options import option
 from client.training import generated_name
 
@@ -53,6 +59,12 @@ class DeployOptions:
     target_invocations: float | None = option(help="auto-scaling: target invocations per instance per minute")
     scale_in_cooldown: int = option(300, "auto-scaling: seconds between scale-in activities")
     scale_out_cooldown: int = option(60, "auto-scaling: seconds between scale-out activities")
+    inference_component: str | None = option(help="serve through inference components: the name of the base "
+                                                   "component that holds the model (adapters attach to it)")
+    component_accelerators: float | None = option(1.0, "base component: accelerators (GPUs) it needs; 0 for none")
+    component_cpus: float | None = option(help="base component: CPU cores it needs")
+    component_memory_mb: int = option(8192, "base component: host memory it needs, MiB")
+    component_copies: int = option(1, "base component: copies of the model")
     wait: bool = option(True, "wait until the endpoint is InService (needed for auto-scaling)")
     wait_timeout: int = option(3600, "give up waiting after this many seconds")
     region: str | None = option(help="AWS region (default: profile / AWS_DEFAULT_REGION)")
@@ -75,7 +87,23 @@ class DeployOptions:
         # CreateModel's container environment: 100 entries, 1024 per key/value, 32 KiB combined.
         p += o.check_env("environment", self.environment, max_len=1024, max_total=32 * 1024)
         p += o.check_tags(self.tags) + o.check_vpc(self.subnets, self.security_group_ids)
-        return p + self._scaling_problems()
+        return p + self._scaling_problems() + self._component_problems()
+
+    def _component_problems(self) -> list[str]:
+        if not self.inference_component:
+            return []
+        p = o.check_name("inference_component", self.inference_component)
+        if self.component_accelerators:  # 0 means none: left out of the request
+            p += o.check_range("component_accelerators", self.component_accelerators, 1)
+        p += o.check_range("component_cpus", self.component_cpus, 0.25)
+        p += o.check_range("component_memory_mb", self.component_memory_mb, 128)
+        p += o.check_range("component_copies", self.component_copies, 1)
+        if self.autoscaling:
+            p.append("auto-scaling with --inference-component: scale the component's copies instead "
+                     "(sagemaker:inference-component:DesiredCopyCount); drop --max-instances")
+        if not self.wait:
+            p.append("the base component is created on an InService endpoint: drop --no-wait")
+        return p
 
     @property
     def autoscaling(self) -> bool:
@@ -138,11 +166,22 @@ def build_requests(opts: DeployOptions, *, now: float | None = None) -> dict[str
     }
     if opts.volume_size is not None:
         variant["VolumeSizeInGB"] = opts.volume_size
+    config: dict[str, Any] = {"EndpointConfigName": config_name, "ProductionVariants": [variant], **tags}
+    if opts.inference_component:  # the component names the model and takes the start-up timeouts
+        for key in ("ModelName", "ContainerStartupHealthCheckTimeoutInSeconds", "ModelDataDownloadTimeoutInSeconds"):
+            del variant[key]
+        config["ExecutionRoleArn"] = opts.role
     requests = {
         "CreateModel": model,
-        "CreateEndpointConfig": {"EndpointConfigName": config_name, "ProductionVariants": [variant], **tags},
+        "CreateEndpointConfig": config,
         "CreateEndpoint": {"EndpointName": opts.endpoint_name, "EndpointConfigName": config_name, **tags},
     }
+    if opts.inference_component:
+        requests["CreateInferenceComponent"] = base_component_request(
+            opts.inference_component, endpoint_name=opts.endpoint_name, variant_name=opts.variant_name,
+            model_name=model_name, accelerators=opts.component_accelerators or None, cpus=opts.component_cpus,
+            memory_mb=opts.component_memory_mb, copies=opts.component_copies, startup_timeout=opts.startup_timeout,
+            download_timeout=opts.download_timeout, tags=tags.get("Tags", []))
     if opts.autoscaling:
         requests.update(scaling_requests(opts))
     return requests
@@ -224,6 +263,26 @@ def endpoint_failure(desc: dict[str, Any]) -> str | None:
             f"its model and config are kept for inspection; remove all with: llava-sm delete --endpoint-name {name}")
 
 
+def create_base_component(sm: Any, request: dict[str, Any], opts: DeployOptions, poll_s: float) -> int:
+    """The component that holds the model, on the InService endpoint; waits until it serves."""
+    from client.components import component_failure, wait_for_component
+
+    sm.create_inference_component(**request)
+    print(f"creating inference component {opts.inference_component}", file=sys.stderr)
+    try:
+        desc = wait_for_component(sm, opts.inference_component, timeout_s=opts.wait_timeout, poll_s=poll_s)
+    except TimeoutError as e:
+        print(e, file=sys.stderr)
+        return 1
+    failure = component_failure(desc)
+    if failure:
+        print(f"{failure}\nremove everything with: llava-sm delete --endpoint-name {opts.endpoint_name}",
+              file=sys.stderr)
+        return 1
+    print(opts.endpoint_name)
+    return 0
+
+
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser("deploy", help="create a SageMaker endpoint for a packaged model",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -266,6 +325,8 @@ def run(args: argparse.Namespace) -> int:
     if failure:
         print(failure, file=sys.stderr)
         return 1
+    if opts.inference_component:
+        return create_base_component(sm, requests["CreateInferenceComponent"], opts, args.poll)
     if opts.autoscaling:
         scaling = clients.application_autoscaling
         scaling.register_scalable_target(**requests["RegisterScalableTarget"])

@@ -3,6 +3,8 @@
     from client import predict, predict_full, ClientError
     predict("chart.png", "What is the highest value?", url="http://localhost:8080")
     predict("s3://bucket/chart.png", "...", endpoint_name="llava-chart", region="eu-west-1")
+    predict("chart.png", "Title and type?", json_schema={"type": "object", ...})   # -> the parsed JSON object
+    predict("chart.png", "...", endpoint_name="llava-chart", inference_component="charts-v2")   # a LoRA adapter
 
 Standard library only (urllib), plus boto3 for the endpoint path, imported when first used: importing this module
 never pulls in torch, transformers or PIL. Server errors (`{"error": {"code", "message"}}`) become
@@ -39,7 +41,8 @@ class ClientError(Exception):
 
     `status` is the HTTP status the server answered with (None when no answer came back: connection refused,
     client-side timeout); `code` is the server's stable error code (see docs/serving.md) or one of the client's own:
-    `connection_error`, `timeout`, `payload_too_large` (checked before sending to an endpoint), `invalid_response`.
+    `connection_error`, `timeout`, `payload_too_large` (checked before sending to an endpoint), `invalid_response`,
+    `incomplete_json` (`predict` with a json_schema, when the answer's JSON was cut short).
     """
 
     def __init__(self, status: int | None, code: str, message: str, *, retry_after: float | None = None):
@@ -50,9 +53,27 @@ class ClientError(Exception):
         self.retry_after = retry_after  # the server's Retry-After hint, seconds
 
 
-def predict(image: Any, question: str, **kwargs: Any) -> str:
-    """The answer to `question` about `image`. Takes the same arguments as `predict_full`."""
-    return predict_full(image, question, **kwargs)["answer"]
+def predict(image: Any, question: str, **kwargs: Any) -> Any:
+    """The answer to `question` about `image`. Takes the same arguments as `predict_full`.
+
+    With `json_schema`, the answer parsed (the server decodes it under the schema); a ClientError with the client's
+    code `incomplete_json` when the answer ran out of tokens (or hit a stop string) before its JSON was complete."""
+    reply = predict_full(image, question, **kwargs)
+    if kwargs.get("json_schema") is None:
+        return reply["answer"]
+    return json_of(reply)
+
+
+def json_of(reply: dict[str, Any]) -> Any:
+    """The parsed answer of a reply to a request with a json_schema (its "json" field)."""
+    if "json" not in reply:
+        raise ClientError(200, "invalid_response", "the reply has no 'json' field: does the server support "
+                                                   "json_schema?")
+    if reply["json"] is None and reply["answer"].strip() != "null":
+        raise ClientError(200, "incomplete_json",
+                          f"the answer is not complete JSON (finish_reason {reply.get('finish_reason')!r}); raise "
+                          f"max_new_tokens or drop stop strings: {reply['answer'][:200]!r}")
+    return reply["json"]
 
 
 def predict_full(
@@ -65,6 +86,9 @@ def predict_full(
     top_p: float | None = None,
     max_new_tokens: int | None = None,
     stop: list[str] | None = None,
+    json_schema: dict[str, Any] | None = None,
+    adapter: str | None = None,
+    inference_component: str | None = None,
     timeout: float = TIMEOUT_S,
     retries: int = RETRIES,
     backoff: float = BACKOFF_S,
@@ -73,31 +97,44 @@ def predict_full(
     endpoint_url: str | None = None,
     runtime_client: Any = None,
 ) -> dict[str, Any]:
-    """The server's full reply: `{"answer", "usage": {"prompt_tokens", "completion_tokens"}, "latency_ms"}`.
+    """The server's full reply: `{"answer", "usage": {"prompt_tokens", "completion_tokens"}, "finish_reason",
+    "latency_ms"}`, plus `"json"` (the answer parsed, or None when it is not complete JSON) with a `json_schema`.
 
     image: a local path, bytes, a PIL image (sent as base64), or an http(s):// / s3:// URL (passed through for the
         server to fetch). Generation options left as None use the model's defaults.
     url: base URL of a running server (default http://localhost:8080); `endpoint_name`: a SageMaker endpoint,
         called through boto3 with `region` / `profile` / `endpoint_url` (or a ready `runtime_client`).
+    inference_component: on an endpoint that serves through inference components, the component to ask (a LoRA
+        adapter's, or the base's); adapter: the name of an adapter loaded on the server itself (the body's
+        `adapter` field), for a server or an endpoint without components. See docs/adapters.md.
     timeout: seconds to wait for the answer; retries: extra attempts after a connection failure or a 503, waiting
         backoff * 2**attempt seconds (or the server's Retry-After, if longer; at most 10 s) before each.
+    json_schema: a JSON Schema (a dict) the answer must follow; the server checks it (400 `invalid_json_schema`).
     """
     return ask(image, question, url=url, endpoint_name=endpoint_name, temperature=temperature, top_p=top_p,
-               max_new_tokens=max_new_tokens, stop=stop, timeout=timeout, retries=retries, backoff=backoff,
+               max_new_tokens=max_new_tokens, stop=stop, json_schema=json_schema, adapter=adapter,
+               inference_component=inference_component, timeout=timeout, retries=retries, backoff=backoff,
                region=region, profile=profile, endpoint_url=endpoint_url, runtime_client=runtime_client)
 
 
 def ask(image: Any, question: str, *, url: str | None = None, endpoint_name: str | None = None,
         temperature: float | None = None, top_p: float | None = None, max_new_tokens: int | None = None,
-        stop: list[str] | None = None, timeout: float = TIMEOUT_S, retries: int = RETRIES, backoff: float = BACKOFF_S,
-        region: str | None = None, profile: str | None = None, endpoint_url: str | None = None,
-        runtime_client: Any = None, stream: bool = False) -> Any:
+        stop: list[str] | None = None, json_schema: dict[str, Any] | None = None, adapter: str | None = None,
+        inference_component: str | None = None, timeout: float = TIMEOUT_S, retries: int = RETRIES,
+        backoff: float = BACKOFF_S, region: str | None = None, profile: str | None = None,
+        endpoint_url: str | None = None, runtime_client: Any = None, stream: bool = False) -> Any:
     """One request to a server or an endpoint, with retries: the reply, or with `stream` an open
     client.stream.AnswerStream (retries then cover only the time before its first piece)."""
     if url and endpoint_name:
         raise ValueError("pass either url= or endpoint_name=, not both")
+    if json_schema is not None and not isinstance(json_schema, dict):
+        raise TypeError(f"json_schema must be a dict (a JSON Schema), not {type(json_schema).__name__}")
+    if inference_component and not endpoint_name:
+        raise ValueError("inference_component= names a component of a SageMaker endpoint: pass endpoint_name= too "
+                         "(a server of your own takes adapter=)")
     body = json.dumps(build_payload(image, question, temperature=temperature, top_p=top_p,
-                                    max_new_tokens=max_new_tokens, stop=stop, stream=stream or None)).encode()
+                                    max_new_tokens=max_new_tokens, stop=stop, json_schema=json_schema, adapter=adapter,
+                                    stream=stream or None)).encode()
     if stream:  # client.stream imports this module: imported here, when first needed
         from client.stream import open_endpoint_stream as via_endpoint
         from client.stream import open_url_stream as via_url
@@ -106,7 +143,8 @@ def ask(image: Any, question: str, *, url: str | None = None, endpoint_name: str
     if endpoint_name:
         if runtime_client is None:
             runtime_client = _runtime_client(region, profile, endpoint_url, timeout)
-        send = functools.partial(via_endpoint, runtime_client, endpoint_name, body)
+        send = functools.partial(via_endpoint, runtime_client, endpoint_name, body,
+                                 inference_component=inference_component)
     else:
         send = functools.partial(via_url, invocations_url(url or DEFAULT_URL), body, timeout)
     return _with_retries(send, retries, backoff)
@@ -202,14 +240,17 @@ def http_errors(url: str, timeout: float) -> Iterator[None]:
         raise ClientError(None, "connection_error", f"cannot reach {url}: {e!r}") from e
 
 
-def _invoke_endpoint(client: Any, endpoint_name: str, body: bytes) -> dict[str, Any]:
-    response = call_endpoint(client.invoke_endpoint, endpoint_name, body, accept="application/json")
+def _invoke_endpoint(client: Any, endpoint_name: str, body: bytes, *,
+                     inference_component: str | None = None) -> dict[str, Any]:
+    response = call_endpoint(client.invoke_endpoint, endpoint_name, body, accept="application/json",
+                             inference_component=inference_component)
     return _parse_answer(response["Body"].read())
 
 
-def call_endpoint(method: Any, endpoint_name: str, body: bytes, *, accept: str) -> dict[str, Any]:
+def call_endpoint(method: Any, endpoint_name: str, body: bytes, *, accept: str,
+                  inference_component: str | None = None) -> dict[str, Any]:
     """`method` (a sagemaker-runtime InvokeEndpoint call) on `body`, checked against the 6 MiB limit before it is
-    sent; botocore's errors become ClientErrors."""
+    sent, to `inference_component` if given; botocore's errors become ClientErrors."""
     from botocore.exceptions import ClientError as BotoClientError
     from botocore.exceptions import ConnectionError as BotoConnectionError
     from botocore.exceptions import ReadTimeoutError
@@ -220,8 +261,9 @@ def call_endpoint(method: Any, endpoint_name: str, body: bytes, *, accept: str) 
             f"request body is {len(body):,} bytes; SageMaker's InvokeEndpoint accepts at most "
             f"{SAGEMAKER_MAX_BODY_BYTES:,} (6 MiB). Pass the image as an s3:// URI or send a smaller image.",
         )
+    target = {"InferenceComponentName": inference_component} if inference_component else {}
     try:
-        return method(EndpointName=endpoint_name, Body=body, ContentType="application/json", Accept=accept)
+        return method(EndpointName=endpoint_name, Body=body, ContentType="application/json", Accept=accept, **target)
     except BotoClientError as e:
         raise error_from_endpoint(e) from None
     except ReadTimeoutError as e:

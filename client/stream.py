@@ -6,7 +6,7 @@
         print(piece, end="", flush=True)
     stream.reply            # the usual reply: {"answer", "usage", "finish_reason", "latency_ms"}
 
-The request asks the server for `"stream": true`, which answers with server-sent events (serve/streaming.py): the
+The request asks the server for `"stream": true`, which answers with server-sent events (serve/http/sse.py): the
 pieces, then the reply. Against an endpoint the call is InvokeEndpointWithResponseStream, whose PayloadPart bytes
 carry the same events. Retries (connection failures, 503) happen only before the first piece; an error after it
 (say, the server's time budget) raises ClientError from the loop.
@@ -85,11 +85,13 @@ def _url_chunks(response: Any, url: str, timeout: float) -> Iterator[bytes]:
             yield chunk
 
 
-def open_endpoint_stream(client: Any, endpoint_name: str, body: bytes) -> AnswerStream:
-    """InvokeEndpointWithResponseStream: its PayloadPart bytes carry the server's events. (moto has no response
-    streaming; tests/test_serve_streaming.py puts a loopback stand-in for the runtime in front of a real server.)"""
+def open_endpoint_stream(client: Any, endpoint_name: str, body: bytes, *,
+                         inference_component: str | None = None) -> AnswerStream:
+    """InvokeEndpointWithResponseStream (to `inference_component`, if given): its PayloadPart bytes carry the
+    server's events. (moto has no response streaming; tests/test_serve_streaming.py puts a loopback stand-in for the
+    runtime in front of a real server.)"""
     response = call_endpoint(client.invoke_endpoint_with_response_stream, endpoint_name, body,
-                             accept="text/event-stream")
+                             accept="text/event-stream", inference_component=inference_component)
     return AnswerStream(parse_events(_payload_parts(response["Body"], endpoint_name)))
 
 

@@ -1,12 +1,14 @@
-"""`llava-sm train`: submit a SageMaker training job for the training image (CreateTrainingJob through boto3).
+"""`llava-sm submit`: submit a SageMaker training job for the training image (CreateTrainingJob through boto3).
 
-    llava-sm train --config job.yaml --dry-run        # print the CreateTrainingJob request, send nothing
-    llava-sm train --config job.yaml --wait           # submit, then stream status changes and CloudWatch logs
+    llava-sm submit --config job.yaml --dry-run       # print the CreateTrainingJob request, send nothing
+    llava-sm submit --config job.yaml --wait          # submit, then stream status changes and CloudWatch logs
 
 Channels `train`, `validation`, `images` (and any extra `--channel NAME=s3://...`) are mounted in FastFile mode at
 /opt/ml/input/data/<channel>; hyperparameters reach `python -m train` through hyperparameters.json (non-string YAML
 values are JSON-encoded); the metric definitions are the training module's own (`train.logs`), so SageMaker charts
-exactly the lines the trainer prints. Managed spot needs `max_wait >= max_run`, checked before anything is sent.
+exactly the lines the trainer prints. Managed spot needs `max_wait >= max_run`, checked before anything is sent, and
+so are the hyperparameters: names, types, choices, ranges and the checks across them that `python -m train` would
+otherwise make only once the instance has started (train/sources.py `hyperparameter_problems`, without torch).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 from client import options as o
 from client.options import option
+from train.sources import hyperparameter_problems  # torch-free: TrainConfig and its checks
 
 LOG_GROUP = "/aws/sagemaker/TrainingJobs"
 TERMINAL = ("Completed", "Failed", "Stopped")
@@ -42,8 +45,8 @@ class TrainOptions:
     instance_type: str = option("ml.g5.2xlarge", "training instance type")
     instance_count: int = option(1, "number of instances")
     volume_size: int = option(100, "EBS volume per instance, in GB")
-    hyperparameters: dict[str, str] = option({}, "hyperparameter KEY=VALUE for `python -m train`",
-                                             flag="--hyperparameter")
+    hyperparameters: dict[str, str] = option({}, "hyperparameter KEY=VALUE for `python -m train` (checked against "
+                                                 "its flags before anything is sent)", flag="--hyperparameter")
     environment: dict[str, str] = option({}, "environment variable KEY=VALUE in the training container",
                                          flag="--env")
     spot: bool = option(False, "use managed spot capacity (needs --max-wait; set --checkpoint-s3-uri to resume)")
@@ -96,11 +99,14 @@ class TrainOptions:
         return []
 
     def _hyperparameter_problems(self) -> list[str]:
+        """SageMaker's limits, then what `python -m train` would refuse once the instance has started (names, types,
+        choices, ranges, checks across fields; nothing that needs the data or the model)."""
         hp = self.hyperparameters
         p = [f"hyperparameters: {len(hp)} given; SageMaker allows at most 100"] if len(hp) > 100 else []
         p += [f"hyperparameters: {k!r} (keys <= 256 characters, values <= 2500)"
               for k, v in hp.items() if len(k) > 256 or len(v) > 2500]
-        return p
+        channels = ["train", *(["validation"] if self.validation else []), *self.channels]
+        return p + [str(problem) for problem in hyperparameter_problems(hp, channels)]
 
 
 def metric_definitions() -> list[dict[str, str]]:
@@ -235,7 +241,7 @@ def report_job(desc: dict[str, Any]) -> int:
 
 
 def add_parser(subparsers: Any) -> None:
-    parser = subparsers.add_parser("train", help="submit a SageMaker training job", description=__doc__,
+    parser = subparsers.add_parser("submit", help="submit a SageMaker training job", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     o.add_arguments(parser, TrainOptions)
     parser.add_argument("--dry-run", action="store_true", help="print the CreateTrainingJob request; send nothing")
@@ -247,8 +253,8 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from client.aws import Clients
 
-    opts, sources = o.resolve(TrainOptions, args, "train")
-    print(f"train options: {o.describe_sources(opts, sources)}", file=sys.stderr)
+    opts, sources = o.resolve(TrainOptions, args, "submit")
+    print(f"submit options: {o.describe_sources(opts, sources)}", file=sys.stderr)
     if opts.spot and not opts.checkpoint_s3_uri:
         print("note: --spot without --checkpoint-s3-uri: an interrupted job restarts from step 0", file=sys.stderr)
     request = build_request(opts)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Pushes a locally built image to Amazon ECR: resolves account and region, creates the repository if asked, logs the
-# engine in with a fresh ECR token, tags and pushes, and prints the image URI for `llava-sm train/deploy --image`.
+# engine in with a fresh ECR token, tags and pushes, and prints the image URI for `llava-sm submit/deploy --image-uri`.
 #
 #   container/push.sh llava-sm-serve:latest --create
 #   container/push.sh llava-sm-train:latest --repository llava/train --tag v3 --region eu-west-1 --account 123456789012

@@ -28,7 +28,8 @@ for n in ("transformers", "peft", "accelerate", "bitsandbytes", "deepspeed", "fa
 tests_rc=skipped
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   timeout "${TESTS_TIMEOUT_S:-240}" "$py" -m pytest -p no:cacheprovider -m "gpu and not slow" -v -rs \
-    tests/test_accel.py tests/test_serve_predictor.py tests/test_serve_main.py tests/test_train_runs.py \
+    tests/test_accel.py tests/test_serve_predictor.py tests/test_serve_constrained.py tests/test_serve_main.py \
+    tests/test_train_runs.py \
     2>&1 | tee "$out/tests.log"
   tests_rc=${PIPESTATUS[0]}
 fi

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Set up a fresh machine: .venv with the project and every extra (serve, train, aws, dev), CPU torch from this disk.
-# On a GPU host, install the CUDA build of torch into .venv first (README, "GPU hosts"); pip then keeps it.
+# Set up .venv with the project and every extra (serve, train, aws, dev), pinned to the versions the images ship.
+# torch: a torch 2.13.0 already in .venv is kept, whichever build it is (constraints.txt). Otherwise this installs
+# `torch==2.13.0` from the index pip is configured with; from PyPI on Linux x86-64 that is the CUDA 13.0 build (a
+# ~530 MB wheel plus the nvidia-* CUDA wheels), which also runs on CPU. For PyTorch's CPU-only build, or another CUDA
+# version, install it into .venv from PyTorch's index before running this (README, "Two commands" and "GPU hosts").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv

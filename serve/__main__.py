@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    from serve.app import create_app
+    from serve.http.app import create_app
 
     failures: list[BaseException] = []
 

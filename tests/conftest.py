@@ -14,7 +14,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # The server tests' fixtures (tiny_loaded, tiny_predictor) and helpers, registered here so pytest rewrites its asserts.
-pytest_plugins = ["serve_support"]
+pytest_plugins = ["serve_support", "adapter_support"]
 
 
 def _has_cuda() -> bool:
@@ -28,7 +28,7 @@ def _has_cuda() -> bool:
 def pytest_collection_modifyitems(config, items):
     if _has_cuda():
         return
-    skip_gpu = pytest.mark.skip(reason="needs CUDA (bitsandbytes GPU kernels / NCCL); none on this machine")
+    skip_gpu = pytest.mark.skip(reason="needs CUDA (bitsandbytes GPU kernels / NCCL); torch sees no CUDA device")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
@@ -37,7 +37,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory) -> str:
     """Path of a tiny `test`-preset artifact (model dir) shared by the whole session. Treat it as read-only."""
-    from train.tiny import build_tiny_artifact
+    from demo.tiny import build_tiny_artifact
 
     return str(build_tiny_artifact(tmp_path_factory.mktemp("artifact") / "tiny"))
 

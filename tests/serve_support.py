@@ -23,7 +23,7 @@ def tiny_loaded(tiny_artifact):
     """The tiny artifact loaded once per session (fp32 on CPU), torch on one thread: 2 shared cores."""
     import torch
 
-    from serve.model import load_artifact
+    from serve.engine.model import load_artifact
 
     torch.set_num_threads(1)
     return load_artifact(tiny_artifact)
@@ -31,7 +31,7 @@ def tiny_loaded(tiny_artifact):
 
 @pytest.fixture
 def tiny_predictor(tiny_loaded):
-    from serve.predictor import Predictor
+    from serve.engine.predictor import Predictor
 
     return Predictor(tiny_loaded)
 
@@ -72,8 +72,9 @@ def wait_ready(get, timeout: float = 60.0) -> None:
 
 
 @contextmanager
-def running_server(app, port: int | None = None):
-    """Serve `app` with a real uvicorn on 127.0.0.1 in a thread; yields the base URL once the model is ready."""
+def running_server(app, port: int | None = None, *, wait: bool = True):
+    """Serve `app` with a real uvicorn on 127.0.0.1 in a thread; yields the base URL once the model is ready
+    (`wait=False`: once the socket listens, the model maybe still loading)."""
     import requests
     import uvicorn
 
@@ -89,7 +90,8 @@ def running_server(app, port: int | None = None):
             raise AssertionError("uvicorn did not start")
         time.sleep(0.02)
     try:
-        wait_ready(lambda path: requests.get(base + path, timeout=5))
+        if wait:
+            wait_ready(lambda path: requests.get(base + path, timeout=5))
         yield base
     finally:
         server.should_exit = True
@@ -124,10 +126,15 @@ class SlowPredictor(RecordingPredictor):
         return super().predict(requests, on_result=on_result)
 
 
-class FailingPredictor:
-    """A predictor with a bug: every batch raises, with internals in the message that must not leak."""
+class FailingPredictor(RecordingPredictor):
+    """The real predictor with a bug in generation: every batch raises, with internals in the message that must not
+    leak."""
 
     SECRET = "shape mismatch [3, 4] vs [4, 3] in /opt/secret/model_internals.py:42"
 
+    def __init__(self, inner, message: str = SECRET):
+        super().__init__(inner)
+        self.message = message
+
     def predict(self, requests, on_result=None):
-        raise RuntimeError(self.SECRET)
+        raise RuntimeError(self.message)

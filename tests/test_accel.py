@@ -1,4 +1,5 @@
-"""serve.accel: the env switch (eager fallback), buckets, and the compiled static-cache path giving the same tokens.
+"""serve.engine.accel: the env switch (eager fallback), buckets, and the compiled static-cache path giving the
+same tokens.
 
 The compiled path runs on CPU here with torch.compile's "eager" backend (dynamo capture, no codegen) so the test is
 fast; on CUDA the same code uses inductor + CUDA graphs (tests marked gpu).
@@ -11,15 +12,15 @@ import logging
 import pytest
 import torch
 
-from serve.accel import AccelConfig, Accelerator, bucket_batch, bucket_length, pad_rows
-from serve.config import ConfigError
+from serve.config import ConfigError, ServeConfig
+from serve.engine.accel import AccelConfig, Accelerator, bucket_batch, bucket_length, pad_rows
 
 CPU_COMPILED = AccelConfig(mode="on", compile_backend="eager", compile_mode=None, compile_on_cpu=True)
 QUESTIONS = ["What is shown?", "What type of chart is this? Answer briefly please", "Title?"]
 
 
 class PerRowStop:
-    """Like serve.predictor's tracker: one flag per row, a row stops after its own token budget."""
+    """Like serve.engine.predictor's tracker: one flag per row, a row stops after its own token budget."""
 
     def __init__(self, width: int, budgets: list[int]):
         self.width, self.budgets = width, budgets
@@ -32,7 +33,7 @@ class PerRowStop:
 
 
 class BanToken:
-    """A per-row logits processor (shape-checked like serve.predictor's per-row sampling)."""
+    """A per-row logits processor (shape-checked like serve.engine.predictor's per-row sampling)."""
 
     def __init__(self, rows: int, token: int):
         self.rows, self.token = rows, token
@@ -64,30 +65,34 @@ def _gen(loaded, max_new_tokens: int):
 
 @pytest.fixture(scope="module")
 def fp32(tiny_artifact):
-    from serve.model import load_artifact
+    from serve.engine.model import load_artifact
 
     return load_artifact(tiny_artifact, quantization="none", device="cpu")
 
 
-def test_env_defaults_and_switch():
-    assert AccelConfig.from_env({}) == AccelConfig()
+def test_settings_from_the_environment_and_the_switch():
+    """The server reads SERVE_ACCEL* with its other variables (serve.config); the engine reads no environment."""
+    def accel(env):
+        return ServeConfig.from_env({"SERVE_MAX_BATCH_SIZE": "256", **env}).accel_config()
+
+    assert accel({}) == AccelConfig() and not hasattr(AccelConfig, "from_env")
     assert AccelConfig().enabled_for("cuda") and not AccelConfig().enabled_for("cpu")
-    off = AccelConfig.from_env({"SERVE_ACCEL": "off"})
+    off = accel({"SERVE_ACCEL": "off"})
     assert not off.enabled_for("cuda") and not off.enabled_for("cuda:0")
-    assert AccelConfig.from_env({"SERVE_ACCEL": "0"}).mode == "off"
-    assert AccelConfig.from_env({"SERVE_ACCEL": "ON"}).enabled_for("cpu")
-    cfg = AccelConfig.from_env({"SERVE_ACCEL_BATCH_BUCKETS": "8, 1,4", "SERVE_ACCEL_CACHE_BUCKET": "128",
-                                "SERVE_ACCEL_CACHE_GIB": "2.5"})
+    assert accel({"SERVE_ACCEL": "0"}).mode == "off"
+    assert accel({"SERVE_ACCEL": "ON"}).enabled_for("cpu")
+    cfg = accel({"SERVE_ACCEL_BATCH_BUCKETS": "8, 1,4", "SERVE_ACCEL_CACHE_BUCKET": "128",
+                 "SERVE_ACCEL_CACHE_GIB": "2.5"})
     assert cfg.batch_buckets == (1, 4, 8) and cfg.cache_bucket == 128 and cfg.cache_gib == 2.5
 
 
-def test_env_reports_every_problem_at_once():
+def test_bad_settings_are_reported_at_once():
     with pytest.raises(ConfigError) as e:
-        AccelConfig.from_env({"SERVE_ACCEL": "fast", "SERVE_ACCEL_BATCH_BUCKETS": "1,x",
+        ServeConfig.from_env({"SERVE_ACCEL": "fast", "SERVE_ACCEL_BATCH_BUCKETS": "1,x",
                               "SERVE_ACCEL_CACHE_BUCKET": "0", "SERVE_ACCEL_CACHE_GIB": "inf"})
     text = "\n".join(e.value.problems)
     assert len(e.value.problems) == 4
-    for var in ("SERVE_ACCEL=", "SERVE_ACCEL_BATCH_BUCKETS", "SERVE_ACCEL_CACHE_BUCKET", "SERVE_ACCEL_CACHE_GIB"):
+    for var in ("SERVE_ACCEL:", "SERVE_ACCEL_BATCH_BUCKETS", "SERVE_ACCEL_CACHE_BUCKET", "SERVE_ACCEL_CACHE_GIB"):
         assert var in text
 
 
@@ -104,7 +109,7 @@ def test_buckets_and_row_padding():
 
 def test_off_is_plain_eager_generate(fp32):
     model = fp32.model
-    accel = Accelerator(model, AccelConfig.from_env({"SERVE_ACCEL": "off"}), device="cpu")
+    accel = Accelerator(model, AccelConfig(mode="off"), device="cpu")
     assert not accel.enabled and "_valid_auto_compile_criteria" not in vars(model)
     batch, gen = _batch(fp32, 2), _gen(fp32, 5)
     torch._dynamo.utils.counters.clear()
@@ -145,7 +150,7 @@ def test_cache_pool_is_bounded(fp32):
 
 
 def test_nf4_model_compiles_and_matches_eager(tiny_artifact):
-    from serve.model import load_artifact
+    from serve.engine.model import load_artifact
 
     loaded = load_artifact(tiny_artifact, quantization="nf4", device="cpu")
     model, batch, gen = loaded.model, _batch(loaded, 1), _gen(loaded, 3)
@@ -160,7 +165,7 @@ def test_nf4_model_compiles_and_matches_eager(tiny_artifact):
 
 @pytest.mark.gpu
 def test_cuda_nf4_inductor_matches_eager(tiny_artifact):
-    from serve.model import load_artifact
+    from serve.engine.model import load_artifact
 
     loaded = load_artifact(tiny_artifact, quantization="nf4", device="cuda")
     model, gen = loaded.model, _gen(loaded, 8)
@@ -258,8 +263,9 @@ def test_a_shorter_request_reuses_a_longer_compiled_cache_and_a_longer_one_is_lo
 
 
 def test_a_failed_warm_up_falls_back_to_eager_under_auto_and_stops_start_up_under_on(tiny_artifact, caplog):
-    from serve.model import load_artifact
-    from serve.predictor import GenerationRequest, Predictor
+    from serve.engine.model import load_artifact
+    from serve.engine.predictor import Predictor
+    from serve.engine.types import GenerationRequest
 
     loaded = load_artifact(tiny_artifact, quantization="none", device="cpu")
     broken = {**CPU_COMPILED.__dict__, "batch_buckets": (1, 2), "compile_backend": "no-such-backend"}
@@ -276,8 +282,9 @@ def test_a_failed_warm_up_falls_back_to_eager_under_auto_and_stops_start_up_unde
 
 
 def test_predictor_warms_up_only_when_accelerated(tiny_artifact):
-    from serve.model import load_artifact
-    from serve.predictor import GenerationRequest, Predictor
+    from serve.engine.model import load_artifact
+    from serve.engine.predictor import Predictor
+    from serve.engine.types import GenerationRequest
 
     loaded = load_artifact(tiny_artifact, quantization="none", device="cpu")
     assert Predictor(loaded).accel.cached_shapes == []  # auto on CPU: off, nothing compiled

@@ -18,7 +18,7 @@ LLAVA_HF_NAME = re.compile(r"^(language_model\.model\.(embed_tokens|layers\.\d+|
 
 @pytest.fixture
 def tiny():
-    from train.tiny import build_tiny_model_and_processor
+    from demo.tiny import build_tiny_model_and_processor
 
     return build_tiny_model_and_processor()
 

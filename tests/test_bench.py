@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from bench import gpu, load, model7b, preprocess, run_cpu
+from bench import adapters, constrained, gpu, load, metrics_cost, model7b, preprocess, run_cpu
 from bench.report import markdown_table, percentile
 
 
@@ -51,6 +51,18 @@ def test_load_counts_errors_from_a_dead_server():
     assert summary["req_per_s"] == 0 and summary["ping_failures"] >= 0
 
 
+def test_adapters_bench_sends_the_same_traffic_to_the_base_and_to_adapters(tmp_path):
+    assert adapters.main(["--tiny", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "adapters.json").read_text())
+    [run] = data["rounds"]
+    assert set(run) == {"base", "one adapter", "4 adapters"}
+    assert all(r["ok"] == 8 and r["errors"] == 0 for rows in run.values() for r in rows)
+    assert [r["concurrency"] for r in data["summary"]] == [1, 4]
+    assert all(row["4 adapters / base"] > 0 and row["base req/s"] > 0 for row in data["summary"])
+    bodies = [json.loads(b) for b in adapters.bodies(adapters.ADAPTERS, 2, images=2)]
+    assert [b.get("adapter") for b in bodies] == list(adapters.ADAPTERS)  # request i on adapter i mod 4
+
+
 def test_run_cpu_sweeps_sequential_and_batched_servers(tiny_artifact, tmp_path):
     assert run_cpu.main(["--tiny", "--model-dir", tiny_artifact, "--rounds", "2", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "cpu_compare.json").read_text())
@@ -69,6 +81,33 @@ def test_run_cpu_sweeps_sequential_and_batched_servers(tiny_artifact, tmp_path):
         assert row["speedup"] == pytest.approx(sum(speedups) / 2)  # the median of two rounds
         assert row["speedups"].count(" ") == 1
     assert "Batched vs sequential, median of 2 alternating rounds" in (tmp_path / "cpu_compare.md").read_text()
+
+
+def test_constrained_bench_compares_equal_token_counts(tiny_artifact, tmp_path):
+    assert constrained.main(["--tiny", "--model-dir", tiny_artifact, "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "constrained.json").read_text())
+    assert [r["batch"] for r in data["rows"]] == [1, 2]
+    for row in data["rows"]:
+        # no EOS, a schema no run completes: both sides decode the whole budget, so tokens/s compare per token
+        assert row["tokens"] == f"{4 * row['batch']} / {4 * row['batch']}"
+        assert row["plain_tok_s"] > 0 and row["constrained_tok_s"] > 0 and row["ratio"] > 0
+    assert data["compile_ms"] > data["cached_ms"] >= 0
+
+
+def test_metrics_cost_alternates_runs_with_and_without_a_scraper(tiny_artifact, tmp_path):
+    assert metrics_cost.main(["--tiny", "--model-dir", tiny_artifact, "--scrape-every-ms", "20",
+                              "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "metrics_cost.json").read_text())
+    [row] = data["summary"]
+    assert row["concurrency"] == 4 and row["errors"] == 0 and row["ratio"] > 0 and row["ratios"].count(" ") == 1
+    assert row["scrapes"] >= 2 and row["scrape_p99_ms"] >= row["scrape_p50_ms"] > 0
+    assert row["with_cpu_ms_per_request"] > 0 and row["without_cpu_ms_per_request"] > 0  # the server's, from /proc
+    for pair in data["runs"]["4"]:
+        assert pair["with"]["ok"] == pair["without"]["ok"] == 24
+        assert pair["with"]["scrapes"] >= 1 and "scrapes" not in pair["without"]
+    idle = data["idle"]
+    assert idle["samples"] > 100 and idle["metrics_cpu_ms"] >= 0 and idle["ping_cpu_ms"] >= 0
+    assert "a scrape every 20 ms" in (tmp_path / "metrics_cost.md").read_text()
 
 
 def test_gpu_script_tiny_mode_runs_every_measurement(tmp_path):

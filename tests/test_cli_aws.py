@@ -1,4 +1,4 @@
-"""`llava-sm train / package / deploy / delete` against a real moto server on loopback (fixture `moto_server`).
+"""`llava-sm submit / package / deploy / delete` against a real moto server on loopback (fixture `moto_server`).
 
 Each test reads back what moto received through the same APIs a user would (describe_*, S3 get_object), so the
 assertions are on the requests that reached "AWS", not on our own data structures.
@@ -69,18 +69,18 @@ def bucket(aws):
 
 
 def _train_args(moto_server, bucket, *extra):
-    return ["train", "--endpoint-url", moto_server, "--image-uri", TRAIN_IMAGE, "--role", ROLE,
+    return ["submit", "--endpoint-url", moto_server, "--image-uri", TRAIN_IMAGE, "--role", ROLE,
             "--train", f"s3://{bucket}/data/train/", "--validation", f"s3://{bucket}/data/val/",
             "--images", f"s3://{bucket}/data/images/", "--output-path", f"s3://{bucket}/output/", *extra]
 
 
-def test_train_submits_the_job_moto_receives(moto_server, bucket, aws, capsys, tmp_path):
+def test_submit_submits_the_job_moto_receives(moto_server, bucket, aws, capsys, tmp_path):
     job = _unique("llava-sft")
     config = tmp_path / "job.yaml"
-    # YAML with a train: section; the flag --instance-count overrides the YAML's value.
+    # YAML with a submit: section; the flag --instance-count overrides the YAML's value.
     config.write_text(
         "instance_type: ml.g5.12xlarge\n"
-        "train:\n"
+        "submit:\n"
         "  instance_count: 4\n"
         "  hyperparameters: {num_train_epochs: 2, learning_rate: 2.0e-4, version: v1, lora_enable: true}\n"
         "  environment: {NCCL_DEBUG: WARN}\n"
@@ -119,7 +119,7 @@ def test_train_submits_the_job_moto_receives(moto_server, bucket, aws, capsys, t
     assert desc["RoleArn"] == ROLE
 
 
-def test_train_wait_streams_status_and_logs(moto_server, bucket, aws, capsys):
+def test_submit_wait_streams_status_and_logs(moto_server, bucket, aws, capsys):
     job = _unique("llava-logs")
     logs = aws("logs")
     group = "/aws/sagemaker/TrainingJobs"
@@ -145,7 +145,7 @@ def test_train_wait_streams_status_and_logs(moto_server, bucket, aws, capsys):
     assert f"model artifacts: s3://{bucket}/output/{job}/output/model.tar.gz" in out
 
 
-def test_train_wait_without_any_logs(moto_server, bucket, capsys):
+def test_submit_wait_without_any_logs(moto_server, bucket, capsys):
     # moto (like a fresh account) may have no log group or stream at all: waiting must still end cleanly.
     rc = main(_train_args(moto_server, bucket, "--job-name", _unique("nologs"), "--wait", "--poll", "0.01"))
     assert rc == 0

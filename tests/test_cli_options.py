@@ -15,7 +15,7 @@ from client.cli import main
 
 ROLE = "arn:aws:iam::123456789012:role/SageMakerRole"
 IMAGE = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/llava-train:1"
-TRAIN_OK = ["train", "--image-uri", IMAGE, "--role", ROLE, "--train", "s3://my-bucket/data/train/",
+SUBMIT_OK = ["submit", "--image-uri", IMAGE, "--role", ROLE, "--train", "s3://my-bucket/data/train/",
             "--output-path", "s3://my-bucket/out/"]
 DEPLOY_OK = ["deploy", "--image-uri", IMAGE, "--role", ROLE, "--model-data", "s3://my-bucket/m/model.tar.gz",
              "--endpoint-name", "chart-qa"]
@@ -42,8 +42,8 @@ def _valid_for(service, operation, request):
     validate_parameters(request, model.operation_model(operation).input_shape)  # raises on any invalid field
 
 
-def test_train_dry_run_prints_a_valid_create_training_job(capsys):
-    rc = main([*TRAIN_OK, "--dry-run", "--validation", "s3://my-bucket/data/val/", "--images", "s3://my-bucket/img/",
+def test_submit_dry_run_prints_a_valid_create_training_job(capsys):
+    rc = main([*SUBMIT_OK, "--dry-run", "--validation", "s3://my-bucket/data/val/", "--images", "s3://my-bucket/img/",
                "--spot", "--max-run", "3600", "--max-wait", "7200", "--checkpoint-s3-uri", "s3://my-bucket/ckpt/",
                "--subnets", "subnet-1,subnet-2", "--security-group-ids", "sg-1", "--tag", "team=ml",
                "--channel", "model=s3://my-bucket/base-model/", "--env", "NCCL_DEBUG=INFO", "--keep-alive", "600"])
@@ -57,7 +57,7 @@ def test_train_dry_run_prints_a_valid_create_training_job(capsys):
 
 def test_metric_definitions_fit_sagemaker_limits(capsys):
     # botocore validates minimums only; SageMaker's maximums: 40 definitions, names <= 255, regexes <= 500
-    assert main([*TRAIN_OK, "--dry-run", "--spot", "--max-wait", "86400"]) == 0
+    assert main([*SUBMIT_OK, "--dry-run", "--spot", "--max-wait", "86400"]) == 0
     out, err = capsys.readouterr()
     definitions = json.loads(out)["AlgorithmSpecification"]["MetricDefinitions"]
     assert 0 < len(definitions) <= 40
@@ -81,7 +81,7 @@ def test_deploy_dry_run_prints_valid_requests(capsys):
 @pytest.mark.parametrize("instance_type", ["ml.g5.2xlarge", "ml.g6.12xlarge", "ml.p5.48xlarge", "ml.p6-b200.48xlarge",
                                            "ml.m7i-flex.large", "ml.g4dn.xlarge"])
 def test_new_instance_types_are_accepted(instance_type, capsys):
-    assert main([*TRAIN_OK, "--dry-run", "--instance-type", instance_type]) == 0
+    assert main([*SUBMIT_OK, "--dry-run", "--instance-type", instance_type]) == 0
 
 
 def test_yaml_then_flags(tmp_path, capsys):
@@ -89,22 +89,23 @@ def test_yaml_then_flags(tmp_path, capsys):
     config.write_text(
         f"role: {ROLE}\n"
         "instance_type: ml.g5.4xlarge\n"
-        "train:\n"
+        "submit:\n"
         f"  image_uri: {IMAGE}\n"
         "  train: s3://my-bucket/data/\n"
         "  output_path: s3://my-bucket/out/\n"
         "  instance_type: ml.g5.12xlarge\n"      # the section beats the top level
-        "  hyperparameters: {epochs: 3, lr: 0.0002, tags: [a, b]}\n"
+        "  hyperparameters: {max_steps: 3, learning_rate: 0.0002, lr_scheduler_kwargs: {power: 2}}\n"
         "deploy:\n"
         "  not_a_train_option: ignored\n"       # other commands' sections are not train's business
     )
-    assert main(["train", "--config", str(config), "--dry-run", "--hyperparameter", "epochs=1",
+    assert main(["submit", "--config", str(config), "--dry-run", "--hyperparameter", "max_steps=1",
                  "--volume-size", "200"]) == 0
     out, err = capsys.readouterr()
     request = json.loads(out)
     assert request["ResourceConfig"] == {"InstanceType": "ml.g5.12xlarge", "InstanceCount": 1, "VolumeSizeInGB": 200}
-    assert request["HyperParameters"] == {"epochs": "1", "lr": "0.0002", "tags": '["a", "b"]'}  # flag wins per key
-    assert "volume_size=200 (flag)" in err and "instance_type='ml.g5.12xlarge' (yaml)" in err
+    assert request["HyperParameters"] == {"max_steps": "1", "learning_rate": "0.0002",  # the flag wins per key
+                                          "lr_scheduler_kwargs": '{"power": 2}'}
+    assert "volume_size=200 (command line)" in err and f"instance_type='ml.g5.12xlarge' (config file {config})" in err
 
 
 @pytest.mark.parametrize(
@@ -119,7 +120,7 @@ def test_yaml_then_flags(tmp_path, capsys):
         (["--checkpoint-s3-uri", "s3:/x"], "checkpoint_s3_uri: 's3:/x' is not an S3 URI"),
         (["--channel", "bad name=s3://my-bucket/x/"], "channel 'bad name': names are 1-64"),
         (["--channel", "train=s3://my-bucket/x/"], "channel 'train': use --train"),
-        (["--channel", "noequals"], "--channel 'noequals': expected KEY=VALUE"),
+        (["--channel", "noequals"], "channels (from command line): expected KEY=VALUE, got 'noequals'"),
         (["--input-mode", "Pipe"], "input_mode: 'Pipe' is not one of FastFile, File"),
         (["--instance-type", "g5.2xlarge"], "instance_type: 'g5.2xlarge' is not a SageMaker instance type"),
         (["--instance-count", "0"], "instance_count: 0 must be >= 1"),
@@ -141,24 +142,59 @@ def test_yaml_then_flags(tmp_path, capsys):
         (["--job-name", "x" * 64], "must be 1-63 letters"),
     ],
 )
-def test_train_validation_errors(args, expected, capsys):
-    assert expected in _problems([*TRAIN_OK, *args], capsys)
+def test_submit_validation_errors(args, expected, capsys):
+    assert expected in _problems([*SUBMIT_OK, *args], capsys)
 
 
-def test_train_limits_on_counts(capsys, tmp_path):
+@pytest.mark.parametrize(
+    "hyperparameters, expected",
+    [
+        (["lora_rr=3"], "lora_rr (from hyperparameters): unknown setting; did you mean 'lora_r'?"),
+        (["epochs=3"], "epochs (from hyperparameters): unknown setting; did you mean 'num_train_epochs'?"),
+        (["lora_r=eight"], "lora_r (from hyperparameters): expected an integer, got 'eight'"),
+        (["lora_r=0"], "lora_r (from hyperparameters): must be >= 1, got 0"),
+        (["bits=3"], "bits (from hyperparameters): must be one of 4, 8, 16, got 3"),
+        (["learning_rate=nan"], "learning_rate (from hyperparameters): expected a finite number, got 'nan'"),
+        (["lr_scheduler_kwargs={min_lr: 1}"], "lr_scheduler_kwargs (from hyperparameters): not valid JSON"),
+        (["bits=4"], "hyperparameters: --bits 4 needs --lora_enable True"),
+        (["bits=4", "lora_enable=true", "deepspeed=zero3"], "hyperparameters: --bits 4 with ZeRO-3 is refused"),
+        (["evaluation_strategy=steps"], "hyperparameters: --evaluation_strategy steps needs --validation_data_path"),
+        (["lr_scheduler_type=greedy"], "greedy lowers the learning rate from the validation loss"),
+    ],
+)
+def test_hyperparameters_are_checked_against_the_training_config(hyperparameters, expected, capsys):
+    """What `python -m train` would refuse only after the instance started is refused before anything is sent."""
+    args = [arg for h in hyperparameters for arg in ("--hyperparameter", h)]
+    assert expected in _problems([*SUBMIT_OK, *args, "--dry-run"], capsys)
+
+
+def test_valid_hyperparameters_pass_with_the_channels_the_job_mounts(tmp_path, capsys):
+    config = tmp_path / "job.yaml"
+    config.write_text("hyperparameters: {lora_enable: true, bits: 4, deepspeed: zero2, lora_r: 8,\n"
+                      "  learning_rate: 2e-4, evaluation_strategy: steps, eval-steps: 10, eval_strategy: steps,\n"
+                      "  sagemaker_program: x,\n"
+                      "  lr_scheduler_kwargs: {min_lr_rate: 0.1}, lr_scheduler_type: cosine_with_min_lr}\n")
+    args = [*SUBMIT_OK, "--config", str(config), "--validation", "s3://my-bucket/val/", "--dry-run"]
+    assert main(args) == 0, capsys.readouterr().err
+    request = json.loads(capsys.readouterr().out)
+    assert request["HyperParameters"]["bits"] == "4" and request["HyperParameters"]["lora_enable"] == "true"
+
+
+def test_submit_limits_on_counts(capsys, tmp_path):
     config = tmp_path / "many.yaml"
     config.write_text("hyperparameters:\n" + "".join(f"  h{i}: {i}\n" for i in range(101))
                       + "environment:\n" + "".join(f"  E{i}: x\n" for i in range(101))
                       + "tags:\n" + "".join(f"  t{i}: x\n" for i in range(51)))
-    err = _problems([*TRAIN_OK, "--config", str(config)], capsys)
+    err = _problems([*SUBMIT_OK, "--config", str(config)], capsys)
     assert "hyperparameters: 101 given; SageMaker allows at most 100" in err
     assert "environment: 101 variables; SageMaker allows at most 100" in err
     assert "tags: 51 tags; SageMaker allows at most 50" in err
 
 
 def test_every_problem_is_reported_at_once(capsys):
-    err = _problems(["train", "--role", "nope", "--train", "nope", "--instance-count", "-1", "--spot"], capsys)
-    for expected in ("--image-uri (or `image_uri:` in the YAML) is required", "--output-path", "role: 'nope'",
+    err = _problems(["submit", "--role", "nope", "--train", "nope", "--instance-count", "-1", "--spot"], capsys)
+    for expected in ("image_uri: required (give --image-uri or `image_uri:` in the --config file)", "--output-path",
+                     "role: 'nope'",
                      "train: 'nope'", "instance_count: -1", "--spot needs --max-wait"):
         assert expected in err
 
@@ -166,25 +202,29 @@ def test_every_problem_is_reported_at_once(capsys):
 @pytest.mark.parametrize(
     "yaml_text, expected",
     [
-        ("instnce_type: ml.g5.xlarge\n", "unknown option 'instnce_type'"),
-        ("instance_count: two\n", "instance_count: expected an integer, got 'two'"),
-        ("instance_count: true\n", "instance_count: expected an integer, got True"),
-        ("spot: yes please\n", "spot: expected true/false"),
-        ("hyperparameters: [a, b]\n", "hyperparameters: expected a mapping"),
-        ("role: {a: b}\n", "role: expected a string"),
-        ("- just\n- a list\n", "expected a mapping of option names"),
-        ("train: [1]\n", "section 'train' must be a mapping"),
+        ("instnce_type: ml.g5.xlarge\n", "instnce_type (from config file CONFIG): unknown setting; did you mean "
+                                         "'instance_type'?"),
+        ("instance_count: two\n", "instance_count (from config file CONFIG): expected an integer, got 'two'"),
+        ("instance_count: true\n", "instance_count (from config file CONFIG): expected an integer, got True"),
+        ("spot: yes please\n", "spot (from config file CONFIG): expected true or false, got 'yes please'"),
+        ("hyperparameters: [a, b]\n", "hyperparameters (from config file CONFIG): expected KEY=VALUE, got 'a'"),
+        ("hyperparameters: 3\n", "hyperparameters (from config file CONFIG): expected a mapping, got int"),
+        ("role: {a: b}\n", "role (from config file CONFIG): expected a string, got dict"),
+        ("- just\n- a list\n", "expected a mapping of names to values, got list"),
+        ("submit: [1]\n", "section 'submit' must be a mapping"),
+        ("train: [1]\n", "train (from config file CONFIG): expected a string, got list"),  # submit's data option
+        ("train: {role: x}\n", "the section of `llava-sm submit` is `submit:`, not `train:`"),
         ("a: [unclosed\n", "not valid YAML"),
     ],
 )
 def test_yaml_problems(yaml_text, expected, tmp_path, capsys):
     config = tmp_path / "bad.yaml"
     config.write_text(yaml_text)
-    assert expected in _problems([*TRAIN_OK, "--config", str(config)], capsys)
+    assert expected.replace("CONFIG", str(config)) in _problems([*SUBMIT_OK, "--config", str(config)], capsys)
 
 
 def test_missing_yaml_file(tmp_path, capsys):
-    assert "cannot read" in _problems([*TRAIN_OK, "--config", str(tmp_path / "absent.yaml")], capsys)
+    assert "cannot read" in _problems([*SUBMIT_OK, "--config", str(tmp_path / "absent.yaml")], capsys)
 
 
 @pytest.mark.parametrize(

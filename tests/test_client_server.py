@@ -85,8 +85,8 @@ def image_host():
 
 @pytest.fixture(scope="module")
 def server_url(tiny_artifact, tmp_path_factory):
-    """The real `python -m serve` on the tiny model, started the way the demo starts it (client.demo)."""
-    from client.demo import running_server
+    """The real `python -m serve` on the tiny model, started the way the demo starts it (demo.pipeline)."""
+    from demo.pipeline import running_server
 
     env = {"SERVE_TORCH_THREADS": "1", "SERVE_MAX_IMAGE_PIXELS": str(MAX_PIXELS),
            "SERVE_MAX_PAYLOAD_BYTES": str(MAX_PAYLOAD), "SERVE_MAX_NEW_TOKENS": str(MAX_NEW_TOKENS),

@@ -111,7 +111,7 @@ def test_entrypoint_execs_the_command_so_signals_reach_it():
 def test_entrypoint_dispatches_serve_and_train_to_the_project(tmp_path):
     script = str(REPO / "container" / "entrypoint.sh")
     serve = _run(["sh", script, "serve"], env=_venv_env(SERVE_QUANTIZATION="int3"))
-    assert serve.returncode == 2 and "SERVE_QUANTIZATION='int3'" in serve.stderr
+    assert serve.returncode == 2 and "SERVE_QUANTIZATION: must be one of auto, nf4" in serve.stderr
     train = _run(["sh", script, "train", "--no_such_flag", "1"], env=_venv_env(SM_BASE_DIR=str(tmp_path / "ml")))
     assert train.returncode == 2 and "no_such_flag" in train.stdout + train.stderr
     assert "no_such_flag" in (tmp_path / "ml" / "output" / "failure").read_text()
@@ -421,8 +421,8 @@ def test_training_image_trains_and_leaves_a_servable_merged_model(engine, train_
 
     from PIL import Image
 
-    from serve.model import load_artifact
-    from serve.predictor import GenerationRequest, GenerationResult, Predictor
+    from serve.engine.model import load_artifact
+    from serve.engine.predictor import GenerationRequest, GenerationResult, Predictor
 
     loaded = load_artifact(model, quantization="none", device="cpu")
     image = Image.open(data.parent / "images" / "img_0.png").convert("RGB")

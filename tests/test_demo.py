@@ -13,7 +13,7 @@ import pytest
 @pytest.mark.slow
 def test_quick_demo_runs_every_stage(tmp_path):
     work = tmp_path / "demo"
-    result = subprocess.run([sys.executable, "-m", "client.demo", "--quick", "--workdir", str(work)],
+    result = subprocess.run([sys.executable, "-m", "demo", "--quick", "--workdir", str(work)],
                             capture_output=True, text=True, timeout=900)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
@@ -32,7 +32,7 @@ def test_quick_demo_runs_every_stage(tmp_path):
 
 
 def test_help_describes_the_demo_in_a_whole_sentence(capsys):
-    from client.demo import main
+    from demo.pipeline import main
 
     with pytest.raises(SystemExit):
         main(["--help"])

@@ -86,7 +86,7 @@ def sentencepiece_style_processor(image_processor, version):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     from transformers import LlavaProcessor, PreTrainedTokenizerFast
 
-    from train.tiny import DEFAULT_CORPUS, SPECIAL_TOKENS
+    from demo.tiny import DEFAULT_CORPUS, SPECIAL_TOKENS
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)

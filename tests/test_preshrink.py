@@ -1,4 +1,4 @@
-"""serve.preshrink: the fast image path gives the saved processor's pixel values within a few levels."""
+"""serve.engine.preshrink: the fast image path gives the saved processor's pixel values within a few levels."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from PIL import Image
 
 from bench.preprocess import llava15_image_processor
 from bench.samples import chart_image, encode
-from serve.preshrink import pad_colour, preshrink, target_size
+from serve.engine.preshrink import pad_colour, preshrink, target_size
 
 # Bounds in 0-255 pixel levels. Measured on charts (sharp edges, text): max ~5-16 (PNG) / ~9-29 (JPEG draft decode),
 # mean ~0.1-0.3. A wrong pad colour, offset or filter shows up as tens of levels on average.
@@ -125,7 +125,7 @@ def test_unmirrored_size_rule_leaves_geometry_to_the_processor(llava15):
 def test_server_decode_path_returns_shrunk_images(tiny_artifact):
     from transformers import AutoProcessor
 
-    from serve.images import decode_image
+    from serve.engine.images import decode_image
 
     processor = AutoProcessor.from_pretrained(tiny_artifact).image_processor
     for fmt in ("PNG", "JPEG"):
@@ -140,7 +140,7 @@ def test_server_decode_path_returns_shrunk_images(tiny_artifact):
 @pytest.mark.parametrize("size", [(800, 600), (600, 800), (801, 333), (337, 900), (500, 500)])
 @pytest.mark.parametrize("resample", [0, 1, 2, 3, 4, 5])
 def test_band_resize_equals_resizing_the_whole_padded_square(size, resample):
-    from serve.preshrink import _pad_resize, _pad_square
+    from serve.engine.preshrink import _pad_resize, _pad_square
 
     image, colour = chart_image(*size), (122, 116, 104)
     for out in ((336, 336), (224, 200)):

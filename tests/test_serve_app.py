@@ -1,4 +1,4 @@
-"""serve/app.py through TestClient AND a real uvicorn on 127.0.0.1, on the real tiny model.
+"""serve/http/app.py through TestClient AND a real uvicorn on 127.0.0.1, on the real tiny model.
 
 The table of bad inputs -> (status, code) in the one error envelope; JSON, batch, data: URI, URL (the blog's own
 payload shape), raw image bytes with the question in the query or in SageMaker custom attributes; request ids;
@@ -20,8 +20,8 @@ import requests
 from fastapi.testclient import TestClient
 from serve_support import FailingPredictor, b64_png, png_bytes, running_server, serve_config, wait_ready
 
-from serve.app import create_app
-from serve.predictor import Predictor
+from serve.engine.predictor import Predictor
+from serve.http.app import create_app
 
 IMAGE_HOST = "127.0.0.3"  # a loopback address of its own, so the allow-list can name exactly it
 PIXEL_CAP = 40_000
@@ -89,7 +89,10 @@ def _json(payload) -> tuple[bytes, dict]:
 GOOD = {"image": b64_png(), "question": QUESTION}
 BAD_INPUTS = {
     "text/plain": (b"hello", {"Content-Type": "text/plain"}, None, 415, "unsupported_media_type"),
-    "no content type": (b"{}", {}, None, 415, "unsupported_media_type"),
+    "no content type, not JSON or an image": (b"hello", {}, None, 415, "unsupported_media_type"),
+    "octet-stream, not JSON or an image": (b"hello", {"Content-Type": "application/octet-stream"}, None, 415,
+                                           "unsupported_media_type"),
+    "no content type, a JSON object": (b"{}", {}, None, 400, "invalid_request"),
     "multipart": (b"--x--", {"Content-Type": "multipart/form-data; boundary=x"}, None, 415,
                   "unsupported_media_type"),
     "declared over cap": (b"{" + b" " * PAYLOAD_CAP + b"}", {"Content-Type": "application/json"}, None, 413,
@@ -274,7 +277,7 @@ def test_failed_load_keeps_ping_503_and_reports_it(tiny_artifact, caplog):
     def broken():
         raise OSError("disk on fire")
 
-    with caplog.at_level(logging.ERROR, logger="serve.app"):
+    with caplog.at_level(logging.ERROR, logger="serve.http.app"):
         app = create_app(serve_config(tiny_artifact), predictor_factory=broken, on_load_failure=failures.append)
         with TestClient(app) as client:
             for _ in range(200):
@@ -287,8 +290,8 @@ def test_failed_load_keeps_ping_503_and_reports_it(tiny_artifact, caplog):
 
 
 @pytest.mark.parametrize("transport", ["testclient", "uvicorn"])
-def test_a_predictor_that_raises_gives_500_without_internals(tiny_artifact, caplog, transport):
-    app = create_app(serve_config(tiny_artifact), predictor_factory=FailingPredictor)
+def test_a_predictor_that_raises_gives_500_without_internals(tiny_artifact, tiny_loaded, caplog, transport):
+    app = create_app(serve_config(tiny_artifact), predictor_factory=lambda: FailingPredictor(Predictor(tiny_loaded)))
     with caplog.at_level(logging.ERROR):
         if transport == "testclient":
             with TestClient(app) as client:
@@ -306,12 +309,11 @@ def test_a_predictor_that_raises_gives_500_without_internals(tiny_artifact, capl
     assert FailingPredictor.SECRET in caplog.text  # the operator gets the traceback
 
 
-def test_unrecoverable_cuda_error_fails_ping(tiny_artifact):
-    class CudaBroken:
-        def predict(self, requests, on_result=None):
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+def test_unrecoverable_cuda_error_fails_ping(tiny_artifact, tiny_loaded):
+    def cuda_broken():
+        return FailingPredictor(Predictor(tiny_loaded), "CUDA error: an illegal memory access was encountered")
 
-    with TestClient(create_app(serve_config(tiny_artifact), predictor_factory=CudaBroken)) as client:
+    with TestClient(create_app(serve_config(tiny_artifact), predictor_factory=cuda_broken)) as client:
         wait_ready(client.get)
         assert client.post("/invocations", json=GOOD).status_code == 500
         assert client.get("/ping").status_code == 503

@@ -19,8 +19,8 @@ import requests
 from PIL import Image
 from serve_support import RecordingPredictor, SlowPredictor, running_server, serve_config
 
-from serve.app import create_app
-from serve.predictor import Predictor
+from serve.engine.predictor import Predictor
+from serve.http.app import create_app
 
 
 def payload(i: int, **params) -> dict:

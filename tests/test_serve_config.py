@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from serve_support import free_port
 
-from serve.accel import AccelConfig
 from serve.config import ENV_VARS, ConfigError, ServeConfig
+from serve.engine.accel import AccelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,8 +40,10 @@ def test_every_variable_is_read():
            "SERVE_GRACEFUL_TIMEOUT_S": "7", "SERVE_TORCH_THREADS": "1", "SERVE_LOG_LEVEL": "debug",
            "SERVE_PREPARE_THREADS": "3", "SERVE_S3_BUCKETS": "serve-images, my.other-bucket",
            "SERVE_ACCEL": "off", "SERVE_ACCEL_BATCH_BUCKETS": "8, 1,4", "SERVE_ACCEL_CACHE_BUCKET": "128",
-           "SERVE_ACCEL_CACHE_GIB": "2.5"}
-    assert set(env) == {var for var, _ in ENV_VARS.values()}
+           "SERVE_ACCEL_CACHE_GIB": "2.5", "SERVE_MODEL_NAME": "chart-llava", "SERVE_MAX_ADAPTERS": "3",
+           "SERVE_MAX_ADAPTER_RANK": "16", "SERVE_ADAPTER_MEMORY_MB": "512", "SERVE_ADAPTER_ROOTS": "/a, /b",
+           "SERVE_ADAPTER_S3_BUCKETS": "lora-bucket", "SERVE_ADAPTER_CACHE_DIR": "/c"}
+    assert set(env) == set(ENV_VARS.values())
     cfg = ServeConfig.from_env(env)
     assert (cfg.model_dir, cfg.host, cfg.port, cfg.quantization, cfg.device) == (Path("/m"), "127.0.0.1", 9000,
                                                                                   "bf16", "cuda:1")
@@ -57,10 +59,16 @@ def test_every_variable_is_read():
     # SERVE_ACCEL_BATCH_BUCKETS=1,4,8 with SERVE_MAX_BATCH_SIZE=4: no batch can use 8, so it is not compiled
     assert (accel.mode, accel.batch_buckets, accel.cache_bucket, accel.cache_gib) == ("off", (1, 4), 128, 2.5)
     assert ServeConfig.from_env({}).accel_config() == AccelConfig(batch_buckets=(1, 2, 4, 8))  # max batch 8
+    limits = cfg.adapter_limits()
+    assert (limits.max_resident, limits.max_rank, limits.memory_bytes) == (3, 16, 512 * 1024 * 1024)
+    assert limits.sources.local_roots == (Path("/a"), Path("/b")) and limits.sources.s3_buckets == ("lora-bucket",)
+    assert limits.sources.cache_dir == Path("/c")
+    assert ServeConfig.from_env({}).adapter_limits().sources.local_roots == (Path("/opt/ml/model"), Path("/opt/ml"))
+    assert ServeConfig.from_env({"SERVE_MAX_ADAPTERS": "0"}).adapter_limits() is None  # adapters off
 
 
 def test_only_the_batch_buckets_a_batch_can_reach_are_compiled():
-    from serve.accel import DEFAULT_BATCH_BUCKETS, buckets_up_to
+    from serve.engine.accel import DEFAULT_BATCH_BUCKETS, buckets_up_to
 
     assert buckets_up_to(8, DEFAULT_BATCH_BUCKETS) == (1, 2, 4, 8)
     assert buckets_up_to(10, DEFAULT_BATCH_BUCKETS) == (1, 2, 4, 8, 16)  # 9-10 rows pad to 16
@@ -74,13 +82,14 @@ def test_every_bad_value_is_reported_at_once_naming_its_variable():
            "SERVE_REQUEST_TIMEOUT_S": "nan", "SERVE_FETCH_ALLOW_NETWORKS": "10.0.0.0/8,not-a-net",
            "SERVE_DEVICE": "tpu", "SERVE_LOG_LEVEL": "loud", "SERVE_MAX_WAIT_MS": "-1", "SERVE_ACCEL": "fast",
            "SERVE_ACCEL_BATCH_BUCKETS": "1,x", "SERVE_ACCEL_CACHE_BUCKET": "0", "SERVE_ACCEL_CACHE_GIB": "inf",
-           "SERVE_PREPARE_THREADS": "-1", "SERVE_S3_BUCKETS": "ok-bucket,Not_A_Bucket"}
+           "SERVE_PREPARE_THREADS": "-1", "SERVE_S3_BUCKETS": "ok-bucket,Not_A_Bucket",
+           "SERVE_ADAPTER_ROOTS": "relative/dir", "SERVE_MAX_ADAPTERS": "-1"}
     with pytest.raises(ConfigError) as info:
         ServeConfig.from_env(env)
     problems = info.value.problems
     assert len(problems) == len(env)
     for var in env:
-        assert any(p.startswith(var + "=") for p in problems), var
+        assert any(p.startswith(var + ":") for p in problems), var
     assert "must be one of auto, nf4, bf16, fp16, none" in str(info.value)
     assert "not-a-net" in str(info.value)
     assert "not S3 bucket names: Not_A_Bucket" in str(info.value)
@@ -111,9 +120,9 @@ def _serve(env_extra: dict[str, str], timeout: float = 90) -> subprocess.Complet
 def test_python_m_serve_exits_2_naming_the_bad_variable():
     proc = _serve({"SAGEMAKER_BIND_TO_PORT": "99999", "SERVE_MAX_QUEUE": "many", "SERVE_ACCEL": "fast"}, timeout=30)
     assert proc.returncode == 2
-    assert "SERVE_ACCEL='fast': must be one of auto, on, off" in proc.stderr
-    assert "SAGEMAKER_BIND_TO_PORT='99999': must be between 1 and 65535" in proc.stderr
-    assert "SERVE_MAX_QUEUE='many': not an integer" in proc.stderr
+    assert "SERVE_ACCEL: must be one of auto, on, off, got 'fast'" in proc.stderr
+    assert "SAGEMAKER_BIND_TO_PORT: must be between 1 and 65535, got 99999" in proc.stderr
+    assert "SERVE_MAX_QUEUE: expected an integer, got 'many'" in proc.stderr
 
 
 def test_python_m_serve_exits_1_when_the_model_cannot_load(tmp_path):

@@ -1,4 +1,4 @@
-"""serve/encoding.py: the fast request encoding gives exactly the saved processor's tensors (tiny artifact and a
+"""serve/engine/encoding.py: the fast request encoding gives exactly the saved processor's tensors (tiny artifact and a
 LLaVA-1.5-shaped processor: 336 px, 576 image tokens), turns itself off for a processor it cannot mirror, leaves
 images it does not cover to the processor, and refuses a question that holds the image placeholder."""
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from serve.encoding import Encoder
-from serve.errors import ApiError
+from serve.engine.encoding import Encoder
+from serve.engine.errors import ApiError
 
 QUESTIONS = ["What type of chart is this?", "  leading spaces, trailing  ", "ünïcödé 日本語 😀\nsecond line\ttab",
              "a" * 300, "<im age> </s> USER: ASSISTANT:"]
@@ -37,7 +37,7 @@ def assert_same(a: dict, b: dict) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_processor(tiny_artifact):
-    from serve.model import _load_processor
+    from serve.engine.model import _load_processor
 
     return _load_processor(tiny_artifact)
 
@@ -58,7 +58,7 @@ def llava15_processor(tmp_path_factory):
 @pytest.mark.parametrize("which", ["tiny_processor", "llava15_processor"])
 def test_fast_path_gives_exactly_the_processor_tensors(which, request, caplog):
     processor = request.getfixturevalue(which)
-    with caplog.at_level(logging.INFO, logger="serve.encoding"):
+    with caplog.at_level(logging.INFO, logger="serve.engine.encoding"):
         fast = Encoder(processor)
     assert fast.fast and "fast path" in caplog.text
     reference = Encoder(processor, fast=False)
@@ -87,7 +87,7 @@ def test_a_processor_it_cannot_mirror_keeps_the_processor(tiny_processor, caplog
 
     processor = copy.deepcopy(tiny_processor)
     processor.image_processor.crop_size = {"height": 24, "width": 24}
-    with caplog.at_level(logging.WARNING, logger="serve.encoding"):
+    with caplog.at_level(logging.WARNING, logger="serve.engine.encoding"):
         encoder = Encoder(processor)
     assert not encoder.fast
     assert "fast path off" in caplog.text and "pixel_values differs" in caplog.text

@@ -1,4 +1,4 @@
-"""serve/images.py: every image source and its safety rules.
+"""serve/engine/images.py: every image source and its safety rules.
 
 Decoding (base64 forms, data: URIs, pixel caps before decoding, every PIL mode to RGB, animations, EXIF), URL
 fetches against a real HTTP server on 127.0.0.1 (loopback refused by default and allowed by the allow-list;
@@ -19,8 +19,8 @@ from PIL import Image
 from serve_support import png_bytes
 
 from serve.config import ServeConfig
-from serve.errors import ApiError
-from serve.images import ImagePolicy, address_allowed, decode_image, load_image
+from serve.engine.errors import ApiError
+from serve.engine.images import ImagePolicy, address_allowed, decode_image, load_image
 
 LOOPBACK = ImagePolicy(allow_networks=ServeConfig.from_env({"SERVE_FETCH_ALLOW_NETWORKS": "127.0.0.1/32"})
                        .fetch_allow_networks, fetch_timeout_s=2.0)
@@ -259,7 +259,7 @@ def test_connection_refused_is_a_fetch_failure():
 def s3_bucket(moto_server, monkeypatch):
     import boto3
 
-    from serve import images
+    from serve.engine import images
 
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_server)
     images._s3_client.cache_clear()

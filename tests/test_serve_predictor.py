@@ -1,6 +1,6 @@
-"""serve/model.py + serve/predictor.py on the real tiny LLaVA: loading (fp32, NF4 forced on CPU, a PEFT adapter dir
-merged at load, NF4 on CUDA), greedy determinism, batched == alone, per-row parameters inside one batch, stop
-strings, early delivery, deadlines and per-row failures."""
+"""serve/engine/model.py + serve/engine/predictor.py on the real tiny LLaVA: loading (fp32, NF4 forced on CPU, a PEFT
+adapter dir merged at load, NF4 on CUDA), greedy determinism, batched == alone, per-row parameters inside one batch,
+stop strings, early delivery, deadlines and per-row failures."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import time
 import pytest
 from PIL import Image
 
-from serve.errors import ApiError
-from serve.model import NF4_SKIP_MODULES, ModelLoadError, half_dtype, load_artifact
-from serve.predictor import GenerationRequest, GenerationResult, Predictor
+from serve.engine.errors import ApiError
+from serve.engine.model import NF4_SKIP_MODULES, ModelLoadError, half_dtype, load_artifact
+from serve.engine.predictor import Predictor
+from serve.engine.types import GenerationRequest, GenerationResult
 
 QUESTIONS = ["What is shown?", "What type of chart is this? pie donut funnel", "Which?",
              "How many categories are there in the chart, tell me", "red", "The quick brown fox jumps over the dog"]
@@ -194,7 +195,7 @@ def test_adapter_dir_is_merged_at_load(tiny_artifact, tmp_path, caplog):
     config["base_model_name_or_path"] = tiny_artifact
     config_file.write_text(json.dumps(config))
 
-    with caplog.at_level(logging.WARNING, logger="serve.model"):
+    with caplog.at_level(logging.WARNING, logger="serve.engine.model"):
         loaded = load_artifact(tmp_path / "adapter")
     assert "PEFT adapter" in caplog.text and loaded.adapter_base == tiny_artifact
     assert not any("lora" in n for n, _ in loaded.model.named_parameters())

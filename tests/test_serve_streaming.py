@@ -1,5 +1,5 @@
-"""Streamed answers (serve/streaming.py): what may be shown after each token, the same answer as unstreamed, the
-events a real uvicorn sends, and the failures before and after the stream starts."""
+"""Streamed answers (serve/engine/textstream.py, serve/http/sse.py): what may be shown after each token, the same
+answer as unstreamed, the events a real uvicorn sends, and the failures before and after the stream starts."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ import pytest
 import requests
 from serve_support import RecordingPredictor, b64_png, free_port, png_bytes, running_server, serve_config
 
-from serve.app import create_app
-from serve.predictor import GenerationRequest, GenerationResult, Predictor
-from serve.streaming import TextStream, event
+from serve.engine.predictor import Predictor
+from serve.engine.textstream import TextStream
+from serve.engine.types import GenerationRequest, GenerationResult
+from serve.http.app import create_app
+from serve.http.sse import event
 
 QUESTION = "What type of chart is this?"
 
@@ -48,7 +50,7 @@ def test_a_rewritten_prefix_sends_nothing_more_and_the_answer_stays_the_authorit
 def test_streamed_pieces_are_the_unstreamed_answer(tiny_loaded, stop):
     predictor = Predictor(tiny_loaded)
     image = png_bytes()
-    from serve.images import decode_image
+    from serve.engine.images import decode_image
 
     def request(on_text=None):
         return GenerationRequest(image=decode_image(image, 10**7), question=QUESTION, temperature=0,
@@ -252,7 +254,7 @@ def test_the_load_generator_times_the_first_piece_when_streamed(server, tmp_path
 
 
 def test_a_streaming_callback_that_raises_fails_its_row_only(tiny_loaded, caplog):
-    from serve.errors import ApiError
+    from serve.engine.errors import ApiError
 
     def broken(_text):
         raise RuntimeError("event loop is closed")

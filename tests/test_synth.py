@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from datagen.synth import SynthConfig, generate, main
+from datagen.tables import TableError, load_tables
 from train.data import load_examples
-from train.synth import SynthConfig, generate, main
-from train.tables import TableError, load_tables
 
 # An independent statement of the answer rules (not imported from the generator, so a bug there fails here).
 TYPE_NAMES = {"pie": "pie", "donut": "donut", "funnel": "funnel", "bar": "vertical bar", "hbar": "horizontal bar",
@@ -90,7 +90,7 @@ def expected_answer(rec: dict, qtype: str, question: str) -> str:
 
 
 def check_answers_and_images(out: Path) -> int:
-    from train.charts import PALETTES
+    from datagen.charts import PALETTES
 
     n = 0
     for rec in charts(out):
@@ -260,7 +260,7 @@ def test_llava_sm_data_synth_is_the_same_generator(tmp_path, capsys):
 
 
 def test_help_describes_the_generator_in_a_whole_sentence(capsys):
-    from train.synth import main
+    from datagen.synth import main
 
     with pytest.raises(SystemExit):
         main(["--help"])

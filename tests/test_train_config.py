@@ -9,11 +9,18 @@ from pathlib import Path
 import pytest
 
 from train.checkpoints import find_resume_checkpoint
-from train.config import ConfigError, deepspeed_dir, deepspeed_stage, resolve_config
-from train.config_checks import LR_SCHEDULERS
+from train.config import (
+    DEEPSPEED_PRESETS,
+    LR_SCHEDULERS,
+    ConfigError,
+    deepspeed_dir,
+    deepspeed_stage,
+    resolve_deepspeed,
+)
 from train.launch import ensure_rendezvous_env, torchrun_command
 from train.logs import METRIC_DEFINITIONS
 from train.sagemaker_env import ResourceConfig, SageMakerConfigError, SageMakerPaths
+from train.sources import resolve_config
 
 BLOG_FLAGS = """--deepspeed ./scripts/zero2.json --lora_enable True --lora_r 128 --lora_alpha 256 --mm_projector_lr 2e-5
 --bits 4 --model_name_or_path {base} --version llava_llama_2 --data_path {data} --validation_data_path {data}
@@ -77,8 +84,9 @@ def test_unknown_keys_from_every_source_are_named_at_once(tmp_path, files):
     with pytest.raises(ConfigError) as err:
         resolve_config(["--config", str(yaml_file), "--lr", "1e-3", *required(files)], paths)
     problems = "\n".join(err.value.problems)
-    assert "'--lr'" in problems and "'lora_rank' in config file" in problems
-    assert "'epochs' in hyperparameters.json" in problems
+    assert "--lr (from command line): unknown setting" in problems
+    assert "lora_rank (from config file" in problems and "unknown setting; did you mean 'lora_r'?" in problems
+    assert "epochs (from hyperparameters.json): unknown setting; did you mean 'num_train_epochs'?" in problems
     assert "sagemaker_program" not in problems  # keys the SageMaker SDK adds are not the user's
 
 
@@ -91,7 +99,7 @@ def test_types_and_booleans(no_sagemaker, files):
     problems = "\n".join(err.value.problems)
     assert "lora_r (from command line): expected an integer, got 'eight'" in problems
     assert "bf16 (from command line): expected true or false" in problems
-    assert "bits must be 4, 8 or 16" in problems
+    assert "bits (from command line): must be one of 4, 8, 16, got 3" in problems
     with pytest.raises(ConfigError, match="argument --bits: expected one argument"):
         resolve_config([*required(files), "--bits"], no_sagemaker)
 
@@ -120,8 +128,10 @@ def test_config_problems_are_reported_together(no_sagemaker, tmp_path):
     problems = "\n".join(err.value.problems)
     for expected in ("model_name_or_path is required", "output_dir is required", "missing.json is not a file",
                      "--bits 8 needs --lora_enable True", "needs --validation_data_path",
-                     "image_aspect_ratio must be pad or crop", "version 'v9' is unknown",
-                     "attn_implementation must be one of sdpa, eager, flash_attention_2, got 'xformers'"):
+                     "image_aspect_ratio (from command line): must be one of pad, crop, square, got 'anyres'",
+                     "version (from command line): must be one of llava_llama_2, plain, v1, vicuna_v1, got 'v9'",
+                     "attn_implementation (from command line): must be one of sdpa, eager, flash_attention_2, "
+                     "got 'xformers'"):
         assert expected in problems
 
 
@@ -208,9 +218,21 @@ def test_torchrun_plans():
     assert env["RANK"] == "0" and env["WORLD_SIZE"] == "1" and int(env["MASTER_PORT"]) > 0
 
 
+def test_deepspeed_presets_are_package_data_beside_the_code():
+    """Each preset name resolves to a file inside the imported train package (what a wheel installs), not to a path
+    relative to the working directory or the source checkout; tests/test_wheel.py repeats this from a wheel."""
+    import train
+
+    for name in DEEPSPEED_PRESETS:
+        path, note = resolve_deepspeed(name)
+        assert note is None
+        assert Path(path) == Path(train.__file__).parent / "deepspeed" / f"{name}.json"
+        assert Path(path).is_file()
+
+
 def test_shipped_deepspeed_configs():
     stages = {p.stem: deepspeed_stage(str(p)) for p in deepspeed_dir().glob("*.json")}
-    assert stages == {"zero2": 2, "zero3": 3, "zero3_offload": 3}
+    assert stages == DEEPSPEED_PRESETS  # the stages TrainConfig.problems knows without reading the files
     offload = json.loads((deepspeed_dir() / "zero3_offload.json").read_text())["zero_optimization"]
     assert offload["offload_optimizer"]["device"] == "cpu" and offload["offload_param"]["device"] == "cpu"
     zero3 = json.loads((deepspeed_dir() / "zero3.json").read_text())["zero_optimization"]
@@ -261,7 +283,8 @@ def test_unknown_lr_scheduler_is_a_config_error_and_the_list_matches_transformer
     from transformers.trainer_utils import SchedulerType
 
     assert set(LR_SCHEDULERS) == {s.value for s in SchedulerType}
-    with pytest.raises(ConfigError, match="lr_scheduler_type must be one of linear, cosine, .*got 'bogus'"):
+    with pytest.raises(ConfigError, match=r"lr_scheduler_type \(from command line\): must be one of linear, "
+                                          r"cosine, .*got 'bogus'"):
         resolve_config(required(files) + ["--lr_scheduler_type", "bogus"], no_sagemaker)
     assert resolve_config(required(files) + ["--lr_scheduler_type", "linear"], no_sagemaker).config \
         .lr_scheduler_type == "linear"
@@ -308,13 +331,15 @@ def test_numbers_the_trainer_would_crash_on_or_silently_misread_are_refused(no_s
                                           "-1", "--save_total_limit", "0", "--eval_steps", "0", "--weight_decay",
                                           "-0.1", "--max_grad_norm", "-1"], no_sagemaker)
     problems = "\n".join(err.value.problems)
-    for expected in ("seed must be in [0, 2**32), got -1", "dataloader_num_workers must be >= 0, got -1",
-                     "eval_max_samples must be >= 0, got -1",
-                     "save_total_limit must be at least 1 (None keeps every checkpoint), got 0",
-                     "eval_steps must be at least 1 (None: --logging_steps), got 0",
-                     "weight_decay must be >= 0, got -0.1", "max_grad_norm must be >= 0, got -1.0"):
+    for expected in ("seed (from command line): must be >= 0 and < 4294967296, got -1",
+                     "dataloader_num_workers (from command line): must be >= 0, got -1",
+                     "eval_max_samples (from command line): must be >= 0, got -1",
+                     "save_total_limit (from command line): must be >= 1, got 0",
+                     "eval_steps (from command line): must be >= 1, got 0",
+                     "weight_decay (from command line): must be >= 0, got -0.1",
+                     "max_grad_norm (from command line): must be >= 0, got -1.0"):
         assert expected in problems
-    with pytest.raises(ConfigError, match=r"seed must be in \[0, 2\*\*32\), got 4294967296"):
+    with pytest.raises(ConfigError, match=r"seed \(from command line\): must be >= 0 and < 4294967296, got 42949"):
         resolve_config(required(files) + ["--seed", str(2**32)], no_sagemaker)
     ok = resolve_config(required(files) + ["--seed", "0", "--save_total_limit", "None", "--max_grad_norm", "0"],
                         no_sagemaker).config

@@ -86,8 +86,9 @@ def test_merged_greedy_output_equals_base_plus_adapter(lora_run):
 def test_merged_dir_loads_and_answers_in_the_server(lora_run):
     from PIL import Image
 
-    from serve.model import load_artifact
-    from serve.predictor import GenerationRequest, GenerationResult, Predictor
+    from serve.engine.model import load_artifact
+    from serve.engine.predictor import Predictor
+    from serve.engine.types import GenerationRequest, GenerationResult
 
     loaded = load_artifact(lora_run["out"], quantization="none", device="cpu")
     image = Image.open(lora_run["images"] / "img_0.png").convert("RGB")
@@ -95,6 +96,35 @@ def test_merged_dir_loads_and_answers_in_the_server(lora_run):
                                                             max_new_tokens=4)])
     assert isinstance(result, GenerationResult), result
     assert result.completion_tokens > 0 and result.prompt_tokens > 16  # 16 image tokens + the question
+
+
+def test_the_report_scores_what_the_server_answers(lora_run):
+    """eval_report.json's fine-tuned answers are the served artifact's answers to the same single-turn questions,
+    and llava-sm eval --model-dir on the same file scores the same."""
+    from client.evaluate import EvalOptions, evaluate
+    from evaluation.questions import load_questions
+    from serve.engine.images import decode_image
+    from serve.engine.model import load_artifact
+    from serve.engine.predictor import Predictor
+    from serve.engine.types import GenerationRequest
+
+    report = json.loads((lora_run["out"] / "eval_report.json").read_text())
+    questions = load_questions(lora_run["data"], lora_run["images"], limit=report["questions"])
+    predictor = Predictor(load_artifact(lora_run["out"], quantization="auto", device="cpu"))
+    requests = [GenerationRequest(image=decode_image(Path(q["image"]).read_bytes(), 1 << 30,
+                                                     shrink_for=predictor.image_processor),
+                                  question=q["question"], temperature=0, max_new_tokens=report["max_new_tokens"])
+                for q in questions]
+    served = [r.answer for r in predictor.predict(requests)]
+    tuned = [p for p in report["predictions"] if p["run"] == "fine_tuned"]
+    assert [p["id"] for p in tuned] == [q["id"] for q in questions]
+    assert [p["prediction"] for p in tuned] == served
+    cli_report = evaluate(EvalOptions(data=str(lora_run["data"]), image_folder=str(lora_run["images"]),
+                                      limit=report["questions"],
+                                      model_dir=str(lora_run["out"]), max_new_tokens=report["max_new_tokens"],
+                                      out_dir=str(lora_run["out"].parent / "cli-eval"), name="fine_tuned"))
+    assert cli_report["runs"]["fine_tuned"] == report["runs"]["fine_tuned"]
+    assert cli_report["runs"]["fine_tuned (blank image)"] == report["runs"]["fine_tuned (blank image)"]
 
 
 def test_artifact_holds_template_config_report_and_curve(lora_run):
@@ -106,8 +136,9 @@ def test_artifact_holds_template_config_report_and_curve(lora_run):
     config = json.loads((out / "training_config.json").read_text())
     assert config["made_by"] == "train" and config["lora_enable"] is True and config["global_step"] == 4
     report = json.loads((out / "eval_report.json").read_text())
-    assert report["n"] == 4 and report["base"]["overall"]["n"] == 4 and report["fine_tuned"]["overall"]["n"] == 4
-    assert {"question", "answer", "base_prediction", "fine_tuned_prediction"} <= set(report["examples"][0])
+    assert report["questions"] == 4 and list(report["runs"]) == ["base", "fine_tuned", "fine_tuned (blank image)"]
+    assert all(run["overall"]["n"] == 4 for run in report["runs"].values())
+    assert {"id", "question", "answer", "run", "prediction", "correct"} <= set(report["predictions"][0])
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for step in (2, 4):
         checkpoint = out / f"checkpoint-{step}"
@@ -130,8 +161,8 @@ def test_metric_regexes_read_the_real_log(lora_run):
     for name in ("train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss"):
         assert len(metrics[name]) == 1, name
     report = json.loads((lora_run["out"] / "eval_report.json").read_text())
-    assert metrics["eval_accuracy"] == [report["fine_tuned"]["overall"]["accuracy"]]
-    assert metrics["base_eval_accuracy"] == [report["base"]["overall"]["accuracy"]]
+    assert metrics["eval_accuracy"] == [report["runs"]["fine_tuned"]["overall"]["accuracy"]]
+    assert metrics["base_eval_accuracy"] == [report["runs"]["base"]["overall"]["accuracy"]]
 
 
 def test_group_by_modality_length_drives_the_training_order(lora_run):

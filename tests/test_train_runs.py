@@ -89,7 +89,8 @@ def test_no_example_fitting_model_max_length_is_a_user_error(tmp_path, dataset, 
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--lora_enable", "True", "--lora_rank", "8"], "unknown command-line flag '--lora_rank'"),
+    (["--lora_enable", "True", "--lora_rank", "8"], "--lora_rank (from command line): unknown setting; did you mean "
+                                                      "'lora_r'?"),
     (["--vision_tower", "openai/clip-vit-large-patch14-336"], "differs from the checkpoint's own vision tower"),
     (["--mm_projector_type", "linear"], "does not match the checkpoint's projector (mlp2x_gelu)"),
     (["--mm_vision_select_layer", "-1"], "differs from the checkpoint's vision_feature_layer -2"),

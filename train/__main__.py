@@ -3,7 +3,7 @@
     python -m train --model_name_or_path BASE --data_path data.json --image_folder images/ \\
         --lora_enable True --output_dir out/            # see docs/training.md for every flag
 
-Wiring only: resolve the config (train/config.py), start one process per GPU (train/launch.py), run the job
+Wiring only: resolve the config (train/sources.py), start one process per GPU (train/launch.py), run the job
 (train/job.py). Any failure writes a one-paragraph reason to SageMaker's failure file and exits non-zero: 2 for the
 user's own error (config, data, base model), 1 for anything else (with the traceback in the log), 143 when stopped
 by SIGTERM (StopTrainingJob, a spot interruption, MaxRuntime). SIGTERM during training saves a checkpoint at the end
@@ -17,13 +17,14 @@ import os
 import sys
 from collections.abc import Sequence
 
-from train.config import ConfigError, describe, resolve_config
+from train.config import ConfigError
 from train.data import DataError
 from train.launch import already_launched, process_rank, relaunch_if_needed
 from train.logs import setup_logging
 from train.merge import MergeError
 from train.modeling import ModelConfigError
 from train.sagemaker_env import BASE_DIR_ENV, SageMakerConfigError, SageMakerPaths
+from train.sources import describe, resolve_config
 from train.stopping import EXIT_STOPPED, StopRequested, install_stop_handler
 
 log = logging.getLogger("train")

@@ -8,8 +8,8 @@ Input is LLaVA's format, as a JSON array or JSON Lines (one object per line):
 
 `image` is relative to the image folder; rows without it are text-only. Problems are collected for the whole file
 and raised together as one `DataError` before any model is loaded. An image row whose first human turn lacks
-`<image>` gets one (a single warning with the count): without it LLaVA silently trained text-only, the bug of the
-blog's sample data (../shared/notes/reference-sample.md, takeaway 2).
+`<image>` gets one (a single warning with the count): without it LLaVA silently trains text-only, which is what
+happens to the blog's sample data, whose human turns carry no `<image>` at all.
 
 Each row becomes an `Example` whose `messages` are in the HF multimodal chat shape that train/templates.py renders;
 the image always goes first in the first user turn, as LLaVA moves it there.

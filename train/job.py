@@ -124,6 +124,8 @@ def load_training_processor(cfg: TrainConfig) -> Any:
 
 
 def make_trainer(cfg: TrainConfig, args: Any, processor: Any, examples: list, val_examples: list) -> Any:
+    from transformers import set_seed
+
     from train.labels import ExampleDataset, LlavaCollator
     from train.modeling import build_model
     from train.trainer import SampleIdLogger, build_trainer
@@ -138,6 +140,8 @@ def make_trainer(cfg: TrainConfig, args: Any, processor: Any, examples: list, va
     collator = LlavaCollator(processor, cfg.image_folder, cfg.model_max_length)
     if cfg.log_sample_ids:
         collator = SampleIdLogger(collator, args.process_index)
+    # Seeded here, not only by the Trainer (which seeds after the model exists): the LoRA weights are drawn here.
+    set_seed(cfg.seed)
     model = build_model(cfg, device=args.device)
     return build_trainer(cfg, model, processor, train_ds, eval_ds, collator, args)
 

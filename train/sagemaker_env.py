@@ -99,7 +99,7 @@ class SageMakerPaths:
             return {}
         if not isinstance(raw, dict):
             raise SageMakerConfigError(f"{self.hyperparameters_file} must hold a JSON object")
-        return {str(k): _decode(v) for k, v in raw.items()}
+        return decode_hyperparameters(raw)
 
     def read_resource_config(self) -> ResourceConfig | None:
         raw = _read_json(self.resource_config_file)
@@ -142,6 +142,11 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise SageMakerConfigError(f"cannot read {path}: {e}") from e
+
+
+def decode_hyperparameters(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Each string value JSON-decoded as the job reads hyperparameters.json; text that is not JSON stays text."""
+    return {str(k): _decode(v) for k, v in raw.items()}
 
 
 def _decode(value: Any) -> Any:
