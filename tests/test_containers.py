@@ -248,7 +248,7 @@ def builds(engine, tmp_path_factory, request):
 
     def get(variant: str) -> dict[str, str]:
         if variant == "gpu" and os.environ.get(GPU_ENV) != "1":
-            pytest.skip(f"the GPU images are built only with {GPU_ENV}=1 (a 3 GB download, 15 GB of images)")
+            pytest.skip(f"the GPU images are built only with {GPU_ENV}=1 (3 GB of wheels to fetch, 7 GB of images)")
         if variant not in done:
             try:
                 done[variant] = build_images(engine, variant, log_dir)
