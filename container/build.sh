@@ -1,39 +1,44 @@
 #!/usr/bin/env bash
 # Builds the serving and/or training image with docker or podman: the GPU images by default, the CPU variant with --cpu.
 #
-#   container/build.sh                      # both GPU images (CUDA 12.6): llava-sm-serve:latest, llava-sm-train:latest
+#   container/build.sh                      # both GPU images (CUDA 13.0): llava-sm-serve:latest, llava-sm-train:latest
 #   container/build.sh serve --cpu          # CPU serving image: llava-sm-serve:cpu
+#   container/build.sh --cuda 12.6          # GPU images for NVIDIA drivers older than 580 (PyTorch's cu126 index)
 #   container/build.sh train --flash-attn flash-attn==2.8.3
-#   container/build.sh all --cpu --base localhost/llava-sm/debian:bookworm --torch-index none --host-pip  # our CI
+#   container/build.sh --base localhost/llava-sm/debian:bookworm --wheel-cache /var/tmp/wheels   # as CI builds
 #
 # Options:
-#   --cuda VERSION        12.6 (default: CUDA 12.6 base, torch 2.13.0+cu126) or 13.0 (CUDA 13.0 base, PyPI's torch
-#                         2.13.0 = cu130; needs NVIDIA driver >= 580, e.g. SageMaker AMI al2023-...-gpu-4-1)
-#   --cpu                 CPU variant: debian:bookworm-slim base, torch==2.13.0+cpu from the PyTorch CPU index
-#   --engine E            docker or podman (default: $CONTAINER_ENGINE, else podman if installed, else docker)
+#   --cuda VERSION        13.0 (default: PyPI's torch 2.13.0, a CUDA 13.0 build; NVIDIA driver >= 580) or 12.6
+#                         (torch 2.13.0+cu126 from https://download.pytorch.org/whl/cu126; driver >= 525)
+#   --cpu                 CPU variant: torch==2.13.0+cpu from the PyTorch CPU index
+#   --engine E            docker or podman (default: $CONTAINER_ENGINE, else the first of podman, docker that answers)
 #   --name PREFIX         image name prefix (default llava-sm: llava-sm-serve, llava-sm-train)
 #   --tag TAG             image tag (default: latest, or cpu with --cpu)
-#   --base IMAGE          BASE_IMAGE build arg (default: the Dockerfile's CUDA base, or debian:bookworm-slim with --cpu)
-#   --torch-spec SPEC     TORCH_SPEC build arg (default: the Dockerfile's torch==2.13.0+cu126, or +cpu with --cpu)
+#   --base IMAGE          BASE_IMAGE build arg (default: the Dockerfiles' debian:bookworm-slim)
+#   --torch-spec SPEC     TORCH_SPEC build arg (default: the variant's torch, see --cuda and --cpu)
 #   --torch-index URL     TORCH_INDEX_URL build arg, an extra index for torch only; `none` for no extra index
 #   --flash-attn SPEC     FLASH_ATTN_SPEC build arg for the training image (default: none, sdpa attention)
 #   --ca-bundle FILE      CA bundle for pip behind a TLS-intercepting proxy (a build secret, not kept in the image)
 #   --host-pip            use this host's pip configuration (indexes, wheel folders, CA bundle) inside the build;
 #                         local folders are mounted read-only (podman only)
+#   --wheel-cache DIR     share downloads between builds: DIR/<variant> (cu130, cu126 or cpu) is mounted into the
+#                         builds, pip downloads into it only what it lacks and installs from it (podman only)
 #   --dry-run             print the build commands instead of running them
 #   -- ARGS               passed to `<engine> build` as they are (e.g. -- --network host --no-cache)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-CPU_BASE=debian:bookworm-slim
+# The variants' torch and extra index; the Dockerfiles' defaults are the CUDA 13.0 ones.
 CPU_TORCH_SPEC=torch==2.13.0+cpu
 CPU_TORCH_INDEX=https://download.pytorch.org/whl/cpu
+CU126_TORCH_SPEC=torch==2.13.0+cu126
+CU126_TORCH_INDEX=https://download.pytorch.org/whl/cu126
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2; exit "${1:-2}"; }
 die() { echo "build.sh: $*" >&2; exit 2; }
 
-targets=() cpu=0 cuda=12.6 engine=${CONTAINER_ENGINE:-} name=llava-sm tag="" base="" torch_spec="" torch_index=""
-torch_index_set=0 flash_attn="" ca_bundle="" host_pip=0 dry_run=0 passthrough=()
+targets=() cpu=0 cuda="" engine=${CONTAINER_ENGINE:-} name=llava-sm tag="" base="" torch_spec="" torch_index=""
+torch_index_set=0 flash_attn="" ca_bundle="" host_pip=0 wheel_cache="" dry_run=0 passthrough=()
 while [ "$#" -gt 0 ]; do
     case "$1" in
         serve | train) targets+=("$1") ;;
@@ -49,6 +54,7 @@ while [ "$#" -gt 0 ]; do
         --flash-attn) flash_attn=${2:?--flash-attn needs a value}; shift ;;
         --ca-bundle) ca_bundle=${2:?--ca-bundle needs a value}; shift ;;
         --host-pip) host_pip=1 ;;
+        --wheel-cache) wheel_cache=${2:?--wheel-cache needs a value}; shift ;;
         --dry-run) dry_run=1 ;;
         -h | --help) usage 0 ;;
         --) shift; passthrough=("$@"); break ;;
@@ -65,18 +71,18 @@ check_engine podman docker
 [ "$dry_run" = 1 ] || command -v "$engine" >/dev/null || die "$engine is not installed"
 
 build_args=()
-case "$cuda" in
-    12.6) ;;  # the Dockerfiles' defaults
-    13.0)
-        [ "$cpu" = 0 ] || die "--cuda and --cpu exclude each other"
-        cuda_base=nvidia/cuda:13.0.2-RUNTIME-ubuntu24.04
-        torch_spec=${torch_spec:-torch==2.13.0}
-        [ "$torch_index_set" = 1 ] || { torch_index=none; torch_index_set=1; }
+[ "$cpu" = 0 ] || [ -z "$cuda" ] || die "--cuda and --cpu exclude each other"
+case "${cuda:-13.0}" in
+    13.0) variant=cu130 ;;  # the Dockerfiles' defaults
+    12.6)
+        variant=cu126
+        torch_spec=${torch_spec:-$CU126_TORCH_SPEC}
+        [ "$torch_index_set" = 1 ] || { torch_index=$CU126_TORCH_INDEX; torch_index_set=1; }
         ;;
-    *) die "--cuda must be 12.6 or 13.0, not $cuda" ;;
+    *) die "--cuda must be 13.0 or 12.6, not $cuda" ;;
 esac
 if [ "$cpu" = 1 ]; then
-    base=${base:-$CPU_BASE}
+    variant=cpu
     torch_spec=${torch_spec:-$CPU_TORCH_SPEC}
     [ "$torch_index_set" = 1 ] || { torch_index=$CPU_TORCH_INDEX; torch_index_set=1; }
 fi
@@ -126,6 +132,8 @@ PY
 secrets=()
 if [ "$host_pip" = 1 ]; then
     [ "$engine" = podman ] || die "--host-pip mounts local wheel folders into the build, which only podman can do"
+    [ "$variant" = cpu ] || echo "build.sh: warning: --host-pip on a GPU build: a local torch 2.13.0+cpu wheel would" \
+        "win over PyPI's torch==2.13.0 (a local version label sorts higher); check torch.version.cuda in the image" >&2
     host_pip_config
     secrets+=(--secret "id=pipconf,src=$workdir/pip.conf")
     while read -r folder; do
@@ -139,13 +147,16 @@ if [ -n "$ca_bundle" ]; then
     secrets+=(--secret "id=cabundle,src=$ca_bundle")
 fi
 
+if [ -n "$wheel_cache" ]; then
+    [ "$engine" = podman ] || die "--wheel-cache mounts a host folder into the build, which only podman can do"
+    [ "$dry_run" = 1 ] || { mkdir -p "$wheel_cache/$variant" && wheel_cache=$(cd "$wheel_cache" && pwd); }
+    # Read and written by the build's pip: the mount point container/pip-install.sh looks for.
+    build_args+=(-v "$wheel_cache/$variant:/var/cache/llava-sm-wheels")
+fi
+
 for target in "${targets[@]}"; do
     image="$name-$target:$tag"
     extra=()
-    if [ -n "${cuda_base:-}" ] && [ -z "$base" ]; then  # runtime base to serve, devel base (nvcc) to train
-        flavour=$([ "$target" = train ] && echo devel || echo runtime)
-        extra+=(--build-arg "BASE_IMAGE=${cuda_base/RUNTIME/$flavour}")
-    fi
     if [ "$target" = train ]; then
         [ -z "$flash_attn" ] || extra+=(--build-arg "FLASH_ATTN_SPEC=$flash_attn")
     fi
@@ -158,5 +169,6 @@ for target in "${targets[@]}"; do
     echo "== building $image with $engine (Dockerfile.$target)"
     start=$SECONDS
     "${command[@]}"
-    echo "== built $image in $((SECONDS - start)) s"
+    size=$("$engine" image inspect --format '{{.Size}}' "$image" | awk '{printf "%.2f GB", $1 / 1e9}')
+    echo "== built $image in $((SECONDS - start)) s: $size"
 done

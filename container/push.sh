@@ -12,7 +12,7 @@
 #   --account ID        default: the caller's account (STS GetCallerIdentity)
 #   --profile NAME      AWS profile (else $AWS_PROFILE / the default credentials chain)
 #   --create            create the repository when it does not exist (scan on push, immutable tags off)
-#   --engine E          docker or podman (default: $CONTAINER_ENGINE, else docker if installed, else podman)
+#   --engine E          docker or podman (default: $CONTAINER_ENGINE, else the first of docker and podman that answers)
 #   --dry-run           resolve everything (AWS calls included) and print the engine commands instead of running them
 # AWS calls go through boto3 (a project dependency): run from the project's venv, or set PYTHON.
 set -euo pipefail

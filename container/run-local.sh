@@ -10,7 +10,9 @@
 #   --image IMAGE   default llava-sm-serve:latest (llava-sm-serve:cpu with --cpu)
 #   --cpu           no GPU flags (and the CPU image by default)
 #   --port PORT     host port on 127.0.0.1 (default 8080; 0 = any free port, see `<engine> port`)
-#   --engine E      docker or podman (default: $CONTAINER_ENGINE, else docker if installed, else podman)
+#   --engine E      docker or podman (default: $CONTAINER_ENGINE, else the first of docker and podman that answers
+#                   `<engine> info`; podman uses the store container/ci/setup.sh prepared, when there is one)
+#   --dry-run       print the `run` command instead of running it
 #   -- ARGS         passed to `<engine> run` before the image
 # GPUs: docker uses `--gpus all` (NVIDIA Container Toolkit); podman uses CDI, `--device nvidia.com/gpu=all`.
 set -euo pipefail
@@ -18,13 +20,14 @@ set -euo pipefail
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2; exit "${1:-2}"; }
 die() { echo "run-local.sh: $*" >&2; exit 2; }
 
-model="" image="" cpu=0 port=8080 engine=${CONTAINER_ENGINE:-} extra=()
+model="" image="" cpu=0 port=8080 engine=${CONTAINER_ENGINE:-} dry_run=0 extra=()
 while [ "$#" -gt 0 ]; do
     case "$1" in
         --image) image=${2:?--image needs a value}; shift ;;
         --cpu) cpu=1 ;;
         --port) port=${2:?--port needs a value}; shift ;;
         --engine) engine=${2:?--engine needs a value}; shift ;;
+        --dry-run) dry_run=1 ;;
         -h | --help) usage 0 ;;
         --) shift; extra=("$@"); break ;;
         -*) echo "run-local.sh: unknown option: $1" >&2; usage ;;
@@ -46,4 +49,9 @@ image=${image:-llava-sm-serve:$([ "$cpu" = 1 ] && echo cpu || echo latest)}
 publish="127.0.0.1:$port:8080"
 [ "$port" != 0 ] || publish="127.0.0.1::8080"
 
-exec "$engine" run --rm "${gpu[@]}" -p "$publish" -v "$model:/opt/ml/model:ro" "${extra[@]}" "$image" serve
+command=("$engine" run --rm "${gpu[@]}" -p "$publish" -v "$model:/opt/ml/model:ro" "${extra[@]}" "$image" serve)
+if [ "$dry_run" = 1 ]; then
+    echo "+ ${command[*]}"
+    exit 0
+fi
+exec "${command[@]}"

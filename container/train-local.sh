@@ -12,7 +12,7 @@
 #   --hp KEY=VALUE        set a hyperparameter in DIR/input/config/hyperparameters.json (kept as a string)
 #   --image IMAGE         default llava-sm-train:latest (llava-sm-train:cpu with --cpu)
 #   --cpu                 no GPU flags (and the CPU image by default)
-#   --engine E            docker or podman (default: $CONTAINER_ENGINE, else docker if installed, else podman)
+#   --engine E            docker or podman (default: $CONTAINER_ENGINE, else the first of docker, podman that answers)
 #   -- ARGS               passed to `<engine> run` before the image (e.g. -- --shm-size 16g)
 # Exits with the training job's exit code; a failure's reason is in DIR/output/failure.
 set -euo pipefail

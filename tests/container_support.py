@@ -1,10 +1,16 @@
-"""Helpers for tests/test_containers.py: find a working container engine, build the CPU images once, run commands.
+"""Helpers for tests/test_containers.py: find a working container engine, build each image variant once, run commands.
 
 The engine is $CONTAINER_ENGINE, else podman, else docker. Podman uses the private store and knobs that
-container/ci/setup.sh writes (container/ci/podman-env.sh) when they exist. On a machine prepared by that script (no
-registry: a local Debian base, torch's CPU wheel from the host's pip configuration) the images are built the way CI
-builds them; anywhere else with `container/build.sh --cpu` (debian:bookworm-slim, PyTorch's CPU index).
-$LLAVA_SM_BUILD_ARGS, when set, replaces those build.sh arguments.
+container/ci/setup.sh writes (container/ci/podman-env.sh) when they exist.
+
+Two variants, each a serving and a training image built with container/build.sh:
+- `cpu` (tag `cpu`): on a machine prepared by that script (no registry: a local Debian base, torch's CPU wheel from the
+  host's pip configuration) the way CI builds it; anywhere else `container/build.sh --cpu` (debian:bookworm-slim,
+  PyTorch's CPU index). $LLAVA_SM_BUILD_ARGS, when set, replaces those build.sh arguments.
+- `gpu` (tag `latest`, the default CUDA 13.0 build: PyPI's torch with its nvidia-* wheels, about 3 GB to download):
+  only with LLAVA_SM_GPU_IMAGES=1 (.ci/run sets it). On a prepared machine it uses the local base, the host's CA
+  bundle and a wheel cache in the podman store folder, shared by both builds and kept for the next run.
+  $LLAVA_SM_GPU_BUILD_ARGS, when set, replaces those build.sh arguments.
 
 No engine (or one that cannot run containers) skips the container tests with a visible reason and a warning; with
 LLAVA_SM_REQUIRE_CONTAINERS=1 (.ci/run sets it) that is a failure instead.
@@ -25,10 +31,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRE_ENV = "LLAVA_SM_REQUIRE_CONTAINERS"
+GPU_ENV = "LLAVA_SM_GPU_IMAGES"
 # The same defaults as container/ci/podman-env.sh.
 PODMAN_DIR = Path(os.environ.get("LLAVA_SM_PODMAN_DIR", "/var/tmp/llava-sm-podman"))
 LOCAL_BASE = os.environ.get("LLAVA_SM_BASE_IMAGE", "localhost/llava-sm/debian:bookworm")
-TAG = "cpu"  # what `container/build.sh --cpu` tags, so tests and users share one layer cache
+# The tags container/build.sh gives each variant, so tests and users share one layer cache.
+TAGS = {"cpu": "cpu", "gpu": "latest"}
+HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 
 
 def unavailable(reason: str):
@@ -85,26 +94,36 @@ def find_engine() -> Engine:
     return engine
 
 
-def build_args(engine: Engine) -> list[str]:
-    if os.environ.get("LLAVA_SM_BUILD_ARGS"):
-        return shlex.split(os.environ["LLAVA_SM_BUILD_ARGS"])
-    if engine.name == "podman" and engine.run("image", "exists", LOCAL_BASE, check=False).returncode == 0:
-        # A registry-less machine prepared by container/ci/setup.sh: local base, torch from the host's wheels.
+def _prepared(engine: Engine) -> bool:
+    """A registry-less machine prepared by container/ci/setup.sh: podman with the local Debian base image."""
+    return engine.name == "podman" and engine.run("image", "exists", LOCAL_BASE, check=False).returncode == 0
+
+
+def build_args(engine: Engine, variant: str) -> list[str]:
+    override = os.environ.get("LLAVA_SM_BUILD_ARGS" if variant == "cpu" else "LLAVA_SM_GPU_BUILD_ARGS")
+    if override:
+        return shlex.split(override)
+    if not _prepared(engine):
+        return []
+    if variant == "cpu":  # torch's CPU wheel from the host's pip configuration
         return ["--base", LOCAL_BASE, "--torch-index", "none", "--host-pip", "--", "--network", "host"]
-    return []
+    # Not --host-pip: its local CPU torch wheel would win over PyPI's CUDA build.
+    ca_bundle = os.environ.get("PIP_CERT") or (str(HOST_CA_BUNDLE) if HOST_CA_BUNDLE.is_file() else "")
+    return ["--base", LOCAL_BASE, *(["--ca-bundle", ca_bundle] if ca_bundle else []),
+            "--wheel-cache", str(PODMAN_DIR / "wheels"), "--", "--network", "host"]
 
 
-def build_images(engine: Engine, log_dir: Path) -> dict[str, str]:
-    """Both CPU images via container/build.sh (layer cache makes a rebuild of unchanged sources take seconds)."""
+def build_images(engine: Engine, variant: str, log_dir: Path) -> dict[str, str]:
+    """The variant's serving and training images via container/build.sh (a rebuild of unchanged sources: seconds)."""
     images = {}
     for target in ("serve", "train"):
         started = time.monotonic()
-        log = log_dir / f"build-{target}.log"
-        proc = engine.script("build.sh", target, "--cpu", "--engine", engine.name, "--tag", TAG,
-                             *build_args(engine), timeout=1800, log=log)
-        engine.timings[f"build {target}"] = time.monotonic() - started
-        assert proc.returncode == 0, f"building the {target} image failed:\n{log.read_text()[-5000:]}"
-        images[target] = f"llava-sm-{target}:{TAG}"
+        log = log_dir / f"build-{target}-{variant}.log"
+        proc = engine.script("build.sh", target, *(["--cpu"] if variant == "cpu" else []), "--engine", engine.name,
+                             "--tag", TAGS[variant], *build_args(engine, variant), timeout=1800, log=log)
+        engine.timings[f"build {target} {variant}"] = time.monotonic() - started
+        assert proc.returncode == 0, f"building the {variant} {target} image failed:\n{log.read_text()[-5000:]}"
+        images[target] = f"llava-sm-{target}:{TAGS[variant]}"
     return images
 
 
