@@ -418,8 +418,8 @@ def run_phases(args: Any, phases: list[str], device: str, tmp: Path, accel_confi
                png: bytes) -> int:
     """Build and load the model (its artifact stays in `tmp` for the QLoRA phase), run the phases, report."""
     import torch
-    from train.tiny import build_tiny_artifact
 
+    from demo.tiny import build_tiny_artifact
     from serve.engine.accel import AccelConfig
     from serve.engine.model import load_artifact
     from serve.http.app import freeze_startup_heap

@@ -3,7 +3,7 @@
     python -m bench.mixed [--model-dir DIR] [--rounds 3] [--long-clients 4] [--short-clients 8] [--long-tokens 200]
                           [--short-tokens 8] [--seconds 20] [--batch-size 16] [--out DIR] [--tiny]
 
-Builds a tiny `test` artifact (train.tiny) unless --model-dir is given. Each round starts `python -m serve` with
+Builds a tiny `test` artifact (demo.tiny) unless --model-dir is given. Each round starts `python -m serve` with
 SERVE_SCHEDULER=batch, then with SERVE_SCHEDULER=continuous (alternating, so a slow spell of a shared machine hits
 both), and measures against each:
 - alone: short requests one at a time, nothing else running (latency p50/p90);
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-mixed-") as tmp:
         model_dir = args.model_dir
         if model_dir is None:
-            from train.tiny import build_tiny_artifact
+            from demo.tiny import build_tiny_artifact
 
             model_dir = str(build_tiny_artifact(Path(tmp) / "tiny"))
         try:

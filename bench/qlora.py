@@ -80,11 +80,11 @@ def measure(argv: list[str], tokens_per_row: int, batch: int, warmup: int) -> di
     import torch
     from transformers import TrainerCallback
 
-    from train.config import resolve_config
     from train.data import load_examples
     from train.job import check_model, init_deepspeed_comm, load_training_processor, make_trainer, prepare_runtime
     from train.modeling import trainable_summary
     from train.sagemaker_env import SageMakerPaths
+    from train.sources import resolve_config
     from train.trainer import training_arguments
 
     cfg = resolve_config(argv, SageMakerPaths.from_env({"SM_BASE_DIR": tempfile.mkdtemp(prefix="no-sagemaker-")}))
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         if model_dir is None:
             if not args.tiny:
                 parser.error("--model-dir is required (bench.gpu passes its 7B-shaped model)")
-            from train.tiny import build_tiny_artifact
+            from demo.tiny import build_tiny_artifact
 
             model_dir = str(build_tiny_artifact(Path(tmp) / "tiny"))
         from train.merge import load_processor
