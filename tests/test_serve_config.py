@@ -97,7 +97,7 @@ def test_every_bad_value_is_reported_at_once_naming_its_variable():
     assert "must be one of auto, nf4, bf16, fp16, none" in str(info.value)
     assert "not-a-net" in str(info.value)
     assert "not S3 bucket names: Not_A_Bucket" in str(info.value)
-    assert "SERVE_SCHEDULER='iteration': must be one of continuous, batch" in str(info.value)
+    assert "SERVE_SCHEDULER: must be one of continuous, batch, got 'iteration'" in str(info.value)
 
 
 @pytest.mark.parametrize("raw, expected", [("*", None), ("none", ()), ("NONE", ()), ("one-bucket", ("one-bucket",)),

@@ -1,7 +1,7 @@
 """TrainConfig: the one typed config of the fine-tuning job, with its checks. Importable without torch.
 
     cfg.problems()          # checks that need nothing but the values (`llava-sm train` runs them before submitting)
-    machine_problems(cfg)   # checks against this machine: files, installed packages, transformers' scheduler
+    machine_problems(cfg)   # checks against the local machine: files, installed packages, transformers' scheduler
 
 Each field's type, choices and range live in its metadata (core.settings checks them as values are read); the
 checks here are the ones across fields. Where the values come from (flags, YAML, hyperparameters.json, SageMaker
@@ -157,7 +157,7 @@ class TrainConfig:
 
 
 def machine_problems(cfg: TrainConfig) -> list[str]:
-    """What is wrong with the config on this machine: required paths, files, flash-attn, the scheduler's arguments
+    """What is wrong with the config on the local machine: required paths, files, flash-attn, the scheduler's arguments
     (transformers builds it on a dummy optimizer) and the DeepSpeed file. Imports torch only for the scheduler."""
     p: list[str] = []
     for name in ("model_name_or_path", "data_path", "output_dir"):
