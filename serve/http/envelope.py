@@ -9,11 +9,14 @@ live in the engine (serve/engine/errors.py), which knows nothing of HTTP.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from starlette.responses import JSONResponse
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
 
 from serve.engine.errors import INTERNAL_MESSAGE, ApiError, error_body, internal_error
+from serve.http.requests import request_id_of
 
 log = logging.getLogger(__name__)
 
@@ -63,3 +66,19 @@ def register_error_handlers(app: Any) -> None:
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(HTTPException, on_http_exception)
     app.add_exception_handler(Exception, on_unexpected)
+
+
+async def answered(request: Request, handle: Callable[[], Awaitable[Response]],
+                   respond: Callable[[ApiError], Response] = error_response) -> Response:
+    """A route's response, or its error through `respond` (the envelope, or a protocol's own shape): an ApiError as
+    it is, a client gone while sending the body as 400, anything else our bug: logged with its traceback, answered
+    500 with nothing internal in the body."""
+    try:
+        return await handle()
+    except ApiError as e:
+        return respond(e)
+    except ClientDisconnect:
+        return respond(ApiError("invalid_request", "the client disconnected while sending the body"))
+    except Exception:  # noqa: BLE001 - our bug: logged with traceback, nothing internal in the body
+        log.exception("internal error on %s (request id %s)", request.url.path, request_id_of(request))
+        return respond(internal_error())

@@ -22,16 +22,16 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 
 from serve.config import ServeConfig
 from serve.engine.batching import Batcher
-from serve.engine.errors import ApiError, internal_error
+from serve.engine.errors import ApiError
 from serve.engine.images import ImagePolicy, decode_image, image_bytes, is_remote
 from serve.engine.stats import NO_STATS, Stats
 from serve.engine.types import GenerationRequest, GenerationResult, PredictorLike
 from serve.http import adapters
+from serve.http.envelope import answered
 from serve.http.openai_schema import (
     ChatCall,
     ChatError,
@@ -68,15 +68,7 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         started = time.monotonic()
-        try:
-            return await _chat_route(state, request, started)
-        except ApiError as e:
-            return error_response(e)
-        except ClientDisconnect:
-            return error_response(ApiError("invalid_request", "the client disconnected while sending the body"))
-        except Exception:  # noqa: BLE001 - our bug: logged with traceback, nothing internal in the body
-            log.exception("internal error on /v1/chat/completions (request id %s)", request_id_of(request))
-            return error_response(internal_error())
+        return await answered(request, lambda: _chat_route(state, request, started), error_response)
 
 
 def error_response(error: ApiError) -> JSONResponse:

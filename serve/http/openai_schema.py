@@ -21,13 +21,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from serve.engine.constrained import schema_from_response_format
 from serve.engine.errors import ApiError
 from serve.engine.types import GenerationResult
 from serve.http.envelope import describe_validation_errors
-from serve.http.schema import MAX_QUESTION_CHARS, MAX_STOP_CHARS, MAX_STOP_STRINGS
+from serve.http.schema import MAX_QUESTION_CHARS, MAX_STOP_STRINGS, StopStrings
 
 MAX_MESSAGES = 64
 # OpenAI's roles -> the chat template's; "developer" is OpenAI's newer name for the system message.
@@ -97,7 +97,7 @@ class ChatRequest(_Closed):
     top_p: float | None = Field(default=None, gt=0, le=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    stop: list[str] | None = Field(default=None, max_length=MAX_STOP_STRINGS)
+    stop: StopStrings = Field(default=None, max_length=MAX_STOP_STRINGS)
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -117,18 +117,6 @@ class ChatRequest(_Closed):
     function_call: Any = None
     modalities: list[str] | None = None
     audio: Any = None
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _one_or_many(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_lengths(cls, value: list[str] | None) -> list[str] | None:
-        if value is not None and any(not s or len(s) > MAX_STOP_CHARS for s in value):
-            raise ValueError(f"each stop string must be 1 to {MAX_STOP_CHARS} characters")
-        return value
 
 
 @dataclass(frozen=True)

@@ -33,16 +33,15 @@ from urllib.parse import parse_qsl
 
 from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 
 from serve.engine.batching import Batcher
-from serve.engine.errors import ApiError, internal_error
+from serve.engine.errors import ApiError
 from serve.engine.images import ImagePolicy, decode_image, image_bytes, is_remote
 from serve.engine.stats import NO_STATS, Stats
 from serve.engine.types import GenerationRequest, PredictorLike
 from serve.http import adapters, openai
-from serve.http.envelope import error_response
+from serve.http.envelope import answered, error_response
 from serve.http.requests import MiB, read_body_capped, request_id_of
 from serve.http.schema import GenerationParams, load_json, parse_invocation, parse_raw_params, reply_body
 from serve.http.sse import stream_answer
@@ -80,15 +79,7 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/invocations")
     async def invocations(request: Request):
         started = time.monotonic()
-        try:
-            return await _invoke(state, request, started)
-        except ApiError as e:
-            return error_response(e)
-        except ClientDisconnect:
-            return error_response(ApiError("invalid_request", "the client disconnected while sending the body"))
-        except Exception:  # noqa: BLE001 - our bug: logged with traceback, nothing internal in the body
-            log.exception("internal error on /invocations (request id %s)", request_id_of(request))
-            return error_response(internal_error())
+        return await answered(request, lambda: _invoke(state, request, started))
 
 
 @dataclass

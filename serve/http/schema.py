@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from serve.engine.constrained import parse_answer
 from serve.engine.errors import ApiError
@@ -31,6 +31,20 @@ MAX_STOP_CHARS = 64
 PARAM_FIELDS = ("question", "temperature", "top_p", "max_new_tokens", "stop", "stream", "adapter")
 
 
+
+def _one_or_many(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+def _stop_lengths(value: list[str] | None) -> list[str] | None:
+    if value is not None and any(not s or len(s) > MAX_STOP_CHARS for s in value):
+        raise ValueError(f"each stop string must be 1 to {MAX_STOP_CHARS} characters")
+    return value
+
+
+# `stop` on every route: one string or a list, each 1 to MAX_STOP_CHARS characters (the count is each field's).
+StopStrings = Annotated[list[str] | None, BeforeValidator(_one_or_many), AfterValidator(_stop_lengths)]
+
 class GenerationParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -38,7 +52,7 @@ class GenerationParams(BaseModel):
     temperature: float | None = Field(default=None, ge=0, le=5, description="0 means greedy")
     top_p: float | None = Field(default=None, gt=0, le=1)
     max_new_tokens: int | None = Field(default=None, ge=1)
-    stop: list[str] | None = Field(default=None, max_length=MAX_STOP_STRINGS)
+    stop: StopStrings = Field(default=None, max_length=MAX_STOP_STRINGS)
     stream: bool = Field(default=False, description="answer as server-sent events (serve.http.sse)")
     json_schema: dict[str, Any] | None = Field(default=None, description="a JSON Schema the answer follows "
                                                                          "(serve.engine.constrained)")
@@ -50,18 +64,6 @@ class GenerationParams(BaseModel):
     def _not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must not be blank")
-        return value
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _one_or_many(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_lengths(cls, value: list[str] | None) -> list[str] | None:
-        if value is not None and any(not s or len(s) > MAX_STOP_CHARS for s in value):
-            raise ValueError(f"each stop string must be 1 to {MAX_STOP_CHARS} characters")
         return value
 
 
