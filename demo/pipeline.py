@@ -77,7 +77,7 @@ def running_server(model_dir: str | Path, *, python: str = sys.executable, log_p
     proc = subprocess.Popen([python, "-m", "serve"], env=server_env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_until_ready(url, proc, timeout_s, log_path)
+        wait_until_ready(url, proc, timeout_s, log_path)
         yield url
     finally:
         proc.terminate()
@@ -90,7 +90,9 @@ def running_server(model_dir: str | Path, *, python: str = sys.executable, log_p
             log.close()
 
 
-def _wait_until_ready(url: str, proc: subprocess.Popen, timeout_s: float, log_path: str | Path | None) -> None:
+def wait_until_ready(url: str, proc: subprocess.Popen, timeout_s: float = 180,
+                     log_path: str | Path | None = None) -> None:
+    """Poll `url`/ping until it answers 200; RuntimeError (with the log's tail) if `proc` exits or time runs out."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -12,14 +12,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 from train_support import FAST_ARGS, train_env
 
 from client.cli import build_parser, main
-from demo.pipeline import free_port
+from demo.pipeline import free_port, wait_until_ready
 
 LOCAL = ("data synth", "finetune", "merge", "serve", "eval", "demo")
 AWS = ("submit", "package", "deploy", "predict", "delete", "adapter")
@@ -116,7 +114,7 @@ def test_synth_finetune_merge_serve_predict_all_through_llava_sm(tmp_path, tiny_
                                str(port), "--host", "127.0.0.1"], env=train_env(SERVE_TORCH_THREADS="1"),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        wait_for_ping(f"http://127.0.0.1:{port}", server)
+        wait_until_ready(f"http://127.0.0.1:{port}", server)
         image = sorted((data / "images").iterdir())[0]
         proc = llava_sm("predict", str(image), "What type of chart is this?", "--url", f"http://127.0.0.1:{port}",
                         "--json", "--max-new-tokens", "3", timeout=120)
@@ -128,18 +126,3 @@ def test_synth_finetune_merge_serve_predict_all_through_llava_sm(tmp_path, tiny_
         log, _ = server.communicate(timeout=60)
     assert server.returncode == 0, log[-3000:]  # drained and stopped on request
     assert str(merged) in log
-
-
-def wait_for_ping(url: str, proc: subprocess.Popen, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"the server exited with status {proc.returncode}"
-        try:
-            with urllib.request.urlopen(url + "/ping", timeout=2) as reply:
-                if reply.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{url}/ping did not answer 200 within {timeout_s:.0f} s")
-

@@ -13,16 +13,16 @@ import base64
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from venv_support import add_paths, clean_env, make_venv, pip_install, site_packages, this_run_site_packages
+
+from demo.pipeline import free_port, wait_until_ready
 
 pytestmark = pytest.mark.slow
 
@@ -117,7 +117,7 @@ def test_installed_server_answers_on_a_tiny_model(installed):
     model = installed.cwd / "tiny"
     proc = installed.run("-m", "demo.tiny", str(model))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    port, log = _free_port(), installed.cwd / "server.log"
+    port, log = free_port(), installed.cwd / "server.log"
     with open(log, "w") as out:
         server = subprocess.Popen([str(installed.python), "-m", "serve"], cwd=installed.cwd, stdout=out,
                                   stderr=subprocess.STDOUT,
@@ -125,7 +125,7 @@ def test_installed_server_answers_on_a_tiny_model(installed):
                                                 SERVE_HOST="127.0.0.1", SERVE_TORCH_THREADS="1"))
     base = f"http://127.0.0.1:{port}"
     try:
-        _wait_for_ping(base, server, log)
+        wait_until_ready(base, server, log_path=log)
         from evaluation.questions import blank_png
 
         body = json.dumps({"image": base64.b64encode(blank_png(32)).decode(), "question": "What is shown?",
@@ -141,23 +141,3 @@ def test_installed_server_answers_on_a_tiny_model(installed):
         server.wait(timeout=60)
     assert server.returncode == 0, log.read_text()[-3000:]  # drained and stopped on request
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_ping(base: str, server: subprocess.Popen, log: Path, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise AssertionError(f"the server exited with status {server.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(base + "/ping", timeout=2) as reply:
-                if reply.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{base}/ping did not answer 200 within {timeout_s:.0f} s")
